@@ -1,0 +1,204 @@
+"""``medflare run``: run a job folder in the NVFlare simulator on local (generated) sites.
+
+Workspace layout (default ``./workspace``)::
+
+    workspace/data/brats/site-N/...          generated BraTS-layout sites, reused when unchanged
+    workspace/runs/<job>/simulator/          NVFlare simulator workspace (server and site folders)
+    workspace/runs/<job>/simulator.log       everything the simulator printed
+    workspace/runs/<job>/dice_per_round.png  plot of the global model's Dice
+    workspace/runs/<job>/summary.txt         the closing table
+
+The job folder is used unchanged; only ``--rounds`` makes a patched copy (``runs/<job>/job``).
+Sites find their data through ``MEDFLARE_DATA_CONFIG`` set for the simulator process, exactly
+as a real site would through its environment or ``local/medflare_data.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from medflare.data.site_data_config import ENV_VAR
+
+__all__ = ["RunOptions", "run_job", "JobRunError"]
+
+
+class JobRunError(RuntimeError):
+    """The job could not be prepared, or the simulator did not complete it."""
+
+
+@dataclass
+class RunOptions:
+    job_dir: str
+    sites: int = 3
+    rounds: Optional[int] = None
+    workspace: str = "workspace"
+    data_dir: Optional[str] = None
+    cases: int = 12
+    size: int = 48
+    seed: int = 0
+    threads: Optional[int] = None
+    gpu: Optional[str] = None
+
+
+def _server_config_path(job_dir: str) -> str:
+    meta = _read_json(os.path.join(job_dir, "meta.json"))
+    for app, targets in meta.get("deploy_map", {}).items():
+        if "server" in targets or "@ALL" in targets:
+            return os.path.join(job_dir, app, "config", "config_fed_server.json")
+    raise JobRunError(f"{job_dir}/meta.json deploys no app to the server")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise JobRunError(f"not found: {path}") from None
+    except ValueError as e:
+        raise JobRunError(f"not valid JSON: {path}: {e}") from None
+
+
+def _with_rounds(job_dir: str, rounds: int, run_dir: str) -> str:
+    """Copy the job into the run folder with ``num_rounds`` set to ``rounds``."""
+    copy_dir = os.path.join(run_dir, "job")
+    if os.path.exists(copy_dir):
+        shutil.rmtree(copy_dir)
+    shutil.copytree(job_dir, copy_dir)
+    path = _server_config_path(copy_dir)
+    config = _read_json(path)
+    patched = False
+    if "num_rounds" in config:
+        config["num_rounds"] = rounds
+        patched = True
+    for wf in config.get("workflows", []):
+        if "num_rounds" in wf.get("args", {}) and wf["args"]["num_rounds"] != "{num_rounds}":
+            wf["args"]["num_rounds"] = rounds
+            patched = True
+    if not patched:
+        raise JobRunError(f"--rounds given but {path} has no num_rounds to set")
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
+    return copy_dir
+
+
+def _site_data(opts: RunOptions, log) -> str:
+    """The ``MEDFLARE_DATA_CONFIG`` template for the simulated sites, generating data if needed."""
+    if opts.data_dir:
+        template = os.path.join(os.path.abspath(opts.data_dir), "{site_name}", "data_config.json")
+        for i in range(1, opts.sites + 1):
+            path = template.replace("{site_name}", f"site-{i}")
+            if not os.path.isfile(path):
+                raise JobRunError(f"--data {opts.data_dir}: no data configuration for site-{i} at {path}")
+        return template
+    from medflare.data.brats_synthetic import generate_sites
+
+    data_root = os.path.abspath(os.path.join(opts.workspace, "data", "brats"))
+    start = time.time()
+    generate_sites(data_root, opts.sites, opts.cases, opts.size, opts.seed, log=log)
+    log(f"site data ready in {time.time() - start:.0f} s: {data_root}")
+    return os.path.join(data_root, "{site_name}", "data_config.json")
+
+
+def run_job(opts: RunOptions, log=print) -> dict:
+    """Prepare sites, run the job in the simulator while printing per-round progress, then
+    print the summary and save the plot.
+
+    Returns:
+        ``{"records", "global_eval", "run_dir", "server_run_dir", "plot", "wall_seconds"}``.
+
+    Raises:
+        JobRunError: bad job folder or options, or the simulator failed.
+    """
+    from medflare.reporting import run_summary
+    from medflare.reporting.round_metrics_writer import METRICS_FILE_NAME
+    from medflare.sites.class_allow_list import write_simulator_resources
+
+    started = time.time()
+    job_dir = os.path.abspath(opts.job_dir.rstrip("/"))
+    if not os.path.isfile(os.path.join(job_dir, "meta.json")):
+        raise JobRunError(f"{opts.job_dir} is not a job folder (no meta.json)")
+    if isinstance(opts.sites, bool) or not isinstance(opts.sites, int) or not 1 <= opts.sites <= 64:
+        raise JobRunError(f"--sites must be in [1, 64], got {opts.sites!r}")
+    meta = _read_json(os.path.join(job_dir, "meta.json"))
+    min_clients = meta.get("min_clients", 1)
+    if opts.sites < min_clients:
+        raise JobRunError(f"job {meta.get('name')} needs at least {min_clients} sites (min_clients), --sites is {opts.sites}")
+    name = meta.get("name") or os.path.basename(job_dir)
+    run_dir = os.path.abspath(os.path.join(opts.workspace, "runs", name))
+    os.makedirs(run_dir, exist_ok=True)
+    if opts.rounds is not None:
+        if isinstance(opts.rounds, bool) or not isinstance(opts.rounds, int) or opts.rounds < 1:
+            raise JobRunError(f"--rounds must be a positive int, got {opts.rounds!r}")
+        job_dir = _with_rounds(job_dir, opts.rounds, run_dir)
+
+    env = dict(os.environ)
+    env[ENV_VAR] = _site_data(opts, log)
+    sim_ws = os.path.join(run_dir, "simulator")
+    write_simulator_resources(sim_ws)
+    threads = opts.threads or opts.sites
+    if "OMP_NUM_THREADS" not in os.environ:
+        # one process per simulated site: share the cores instead of oversubscribing them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // threads))
+    cmd = [sys.executable, "-m", "nvflare.cli", "simulator", job_dir, "-w", sim_ws, "-n", str(opts.sites), "-t", str(threads)]
+    if opts.gpu:
+        cmd += ["-gpu", opts.gpu]
+    server_run_dir = os.path.join(sim_ws, "server", "simulate_job")
+    metrics_path = os.path.join(server_run_dir, METRICS_FILE_NAME)
+    log_path = os.path.join(run_dir, "simulator.log")
+    log(f"running {name} on {opts.sites} sites in the NVFlare simulator; log: {log_path}")
+    if os.path.exists(metrics_path):
+        os.remove(metrics_path)
+
+    shown = 0
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        while True:
+            done = proc.poll() is not None
+            records = run_summary.read_round_records(metrics_path)
+            for record in records[shown:]:
+                log(run_summary.format_round_line(record))
+            shown = len(records)
+            if done:
+                break
+            time.sleep(1.0)
+    records = run_summary.read_round_records(metrics_path)
+    global_eval = run_summary.read_global_eval(server_run_dir)
+    wall = time.time() - started
+    if proc.returncode != 0 or not records:
+        tail = _tail(log_path, 30)
+        raise JobRunError(
+            f"simulator exited with {proc.returncode} after {wall:.0f} s with {len(records)} rounds recorded; "
+            f"last lines of {log_path}:\n{tail}"
+        )
+    summary = run_summary.format_summary(records, global_eval, wall)
+    log(summary)
+    with open(os.path.join(run_dir, "summary.txt"), "w") as f:
+        f.write(summary + "\n")
+    plot = run_summary.plot_dice_per_round(
+        records, global_eval, os.path.join(run_dir, "dice_per_round.png"), title=f"{name}: global model Dice"
+    )
+    log(f"plot: {plot}")
+    log(f"global models: {os.path.join(server_run_dir, 'app_server')}")
+    return {
+        "records": records,
+        "global_eval": global_eval,
+        "run_dir": run_dir,
+        "server_run_dir": server_run_dir,
+        "plot": plot,
+        "wall_seconds": wall,
+    }
+
+
+def _tail(path: str, n: int) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return ""

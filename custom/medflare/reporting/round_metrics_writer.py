@@ -1,0 +1,124 @@
+"""Server-side record of each round: per-site loss, steps, timings and the global model's Dice.
+
+:class:`RoundMetricsWriter` is an NVFlare component that listens to the FedAvg workflow's events
+and appends one JSON line per round to ``<run dir>/medflare_metrics.jsonl``. It reads only what
+sites already send in their result's DXO meta (``initial_metrics``, ``train_loss``,
+``NUM_STEPS_CURRENT_ROUND``, timings), so it sees exactly what the aggregator sees, in the
+simulator and in a real federation alike; the file travels with the job's downloaded result.
+
+The Dice reported for round ``r`` is that of the global model the sites received at the start
+of round ``r`` (after ``r`` aggregations), averaged over sites weighted by their number of
+validation cases.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from nvflare.apis.dxo import MetaKey, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_component import FLComponent
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+
+__all__ = ["RoundMetricsWriter", "METRICS_FILE_NAME", "weighted_mean_metrics"]
+
+METRICS_FILE_NAME = "medflare_metrics.jsonl"
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def weighted_mean_metrics(site_metrics: dict[str, dict]) -> dict[str, float]:
+    """Mean of each ``dice_*`` metric over sites, weighted by ``num_cases`` (1 when absent)."""
+    keys = sorted({k for m in site_metrics.values() for k in m if k.startswith("dice_")})
+    out = {}
+    for key in keys:
+        pairs = [(m[key], m.get("num_cases", 1)) for m in site_metrics.values() if _finite(m.get(key))]
+        total = sum(w for _, w in pairs)
+        if total > 0:
+            out[key] = sum(v * w for v, w in pairs) / total
+    return out
+
+
+class RoundMetricsWriter(FLComponent):
+    """Writes one JSON line per FedAvg round with what every site reported.
+
+    Args:
+        file_name: name of the JSON-lines file in the run directory.
+    """
+
+    def __init__(self, file_name: str = METRICS_FILE_NAME):
+        super().__init__()
+        if not isinstance(file_name, str) or not file_name or os.sep in file_name:
+            raise ValueError(f"file_name must be a plain file name, got {file_name!r}")
+        self.file_name = file_name
+        self._path = None
+        self._round = None
+        self._round_start = None
+        self._sites: dict[str, dict] = {}
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN:
+            run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
+            self._path = os.path.join(run_dir, self.file_name)
+        elif event_type == AppEventType.ROUND_STARTED:
+            self._round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+            self._round_start = time.time()
+            self._sites = {}
+        elif event_type == AppEventType.BEFORE_CONTRIBUTION_ACCEPT:
+            self._record_contribution(fl_ctx)
+        elif event_type == AppEventType.ROUND_DONE:
+            self._write_round(fl_ctx)
+
+    def _record_contribution(self, fl_ctx: FLContext) -> None:
+        peer_ctx = fl_ctx.get_peer_context()
+        if peer_ctx is None:
+            return
+        site = peer_ctx.get_identity_name(default="?")
+        try:
+            dxo = from_shareable(peer_ctx.get_prop(FLContextKey.SHAREABLE))
+        except Exception:
+            return
+        metrics = dxo.get_meta_prop(MetaKey.INITIAL_METRICS) or {}
+        self._sites[site] = {
+            "train_loss": dxo.get_meta_prop("train_loss"),
+            "steps": dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND),
+            "train_seconds": dxo.get_meta_prop("train_seconds"),
+            "validate_seconds": dxo.get_meta_prop("validate_seconds"),
+            "global_model_metrics": metrics if isinstance(metrics, dict) else {},
+        }
+
+    def _write_round(self, fl_ctx: FLContext) -> None:
+        if self._path is None:
+            return
+        record = {
+            "round": self._round,
+            "round_seconds": time.time() - self._round_start if self._round_start else None,
+            "sites": self._sites,
+            "global_model_metrics": weighted_mean_metrics(
+                {s: v["global_model_metrics"] for s, v in self._sites.items()}
+            ),
+        }
+        try:
+            with open(self._path, "a") as f:
+                # NaN (e.g. Dice of a region no validation case has) is not JSON: written as null
+                f.write(json.dumps(_nan_to_none(record), allow_nan=False, default=str) + "\n")
+        except (OSError, ValueError) as e:
+            self.log_error(fl_ctx, f"cannot write round metrics to {self._path}: {e}")
+
+
+def _nan_to_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value

@@ -1,0 +1,149 @@
+"""Reading a finished (or running) job's records and presenting them: progress lines, tables, plot.
+
+Inputs are the files a job writes in its server run directory: ``medflare_metrics.jsonl``
+(one line per round, see :mod:`medflare.reporting.round_metrics_writer`) and NVFlare's
+``cross_site_val/cross_val_results.json`` (the final global-model evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Optional
+
+__all__ = [
+    "read_round_records",
+    "read_global_eval",
+    "format_round_line",
+    "format_summary",
+    "plot_dice_per_round",
+]
+
+_REGIONS = ("tc", "wt", "et")
+
+
+def read_round_records(path: str) -> list[dict]:
+    """All complete lines of a ``medflare_metrics.jsonl`` (a partly written last line is skipped)."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+def read_global_eval(run_dir: str) -> dict[str, dict[str, dict]]:
+    """``{site: {model_name: metrics}}`` from NVFlare's cross-site results, or ``{}``."""
+    path = os.path.join(run_dir, "cross_site_val", "cross_val_results.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:.{digits}f}"
+    return "-"
+
+
+def format_round_line(record: dict) -> str:
+    """One progress line: round, each site's training loss, the global model's Dice."""
+    sites = record.get("sites", {})
+    losses = " ".join(f"{s}={_fmt(v.get('train_loss'))}" for s, v in sorted(sites.items()))
+    g = record.get("global_model_metrics", {})
+    return (
+        f"round {record.get('round')}: train loss {losses} | global model Dice mean {_fmt(g.get('dice_mean'))} "
+        f"(TC {_fmt(g.get('dice_tc'))}, WT {_fmt(g.get('dice_wt'))}, ET {_fmt(g.get('dice_et'))}) "
+        f"| {_fmt(record.get('round_seconds'), 1)} s"
+    )
+
+
+def _time_split(record: dict) -> tuple[float, float, float]:
+    """(training, validation, other) seconds of a round; sites run in parallel, so the slowest site counts."""
+    sites = record.get("sites", {}).values()
+    train = max((v.get("train_seconds") or 0.0 for v in sites), default=0.0)
+    val = max((v.get("validate_seconds") or 0.0 for v in sites), default=0.0)
+    total = record.get("round_seconds") or 0.0
+    return train, val, max(total - train - val, 0.0)
+
+
+def format_summary(records: list[dict], global_eval: dict, wall_seconds: Optional[float] = None) -> str:
+    """The closing table: Dice of the global model per round with the time split, then the
+    final and best global models scored at every site."""
+    lines = ["", "Global model Dice at the start of each round (weighted over sites' validation cases)"]
+    header = f"{'round':>5} {'mean':>6} {'TC':>6} {'WT':>6} {'ET':>6} {'round s':>8} {'train s':>8} {'val s':>6} {'other s':>8}"
+    lines += [header, "-" * len(header)]
+    for r in records:
+        g = r.get("global_model_metrics", {})
+        train, val, other = _time_split(r)
+        lines.append(
+            f"{r.get('round'):>5} {_fmt(g.get('dice_mean')):>6} {_fmt(g.get('dice_tc')):>6} {_fmt(g.get('dice_wt')):>6} "
+            f"{_fmt(g.get('dice_et')):>6} {_fmt(r.get('round_seconds'), 1):>8} {_fmt(train, 1):>8} {_fmt(val, 1):>6} {_fmt(other, 1):>8}"
+        )
+    if global_eval:
+        lines += ["", "Final evaluation of the server's models at each site (Dice)"]
+        header = f"{'site':<10} {'model':<28} {'mean':>6} {'TC':>6} {'WT':>6} {'ET':>6}"
+        lines += [header, "-" * len(header)]
+        for site in sorted(global_eval):
+            for model, m in sorted(global_eval[site].items()):
+                lines.append(
+                    f"{site:<10} {model:<28} {_fmt(m.get('dice_mean')):>6} {_fmt(m.get('dice_tc')):>6} "
+                    f"{_fmt(m.get('dice_wt')):>6} {_fmt(m.get('dice_et')):>6}"
+                )
+    if wall_seconds is not None:
+        lines += ["", f"wall time {wall_seconds:.0f} s"]
+    return "\n".join(lines)
+
+
+def final_global_metrics(global_eval: dict, model_name: str = "SRV_FL_global_model.pt") -> dict[str, float]:
+    """Mean over sites of each Dice of one server model in the final evaluation."""
+    out = {}
+    for key in ("dice_mean",) + tuple(f"dice_{r}" for r in _REGIONS):
+        values = [m[model_name][key] for m in global_eval.values() if model_name in m and key in m[model_name]]
+        values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+def plot_dice_per_round(records: list[dict], global_eval: dict, path: str, title: str = "") -> str:
+    """Save a PNG of the global model's Dice per round (mean and per region), with the final
+    evaluation of the last global model as the last point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rounds = [r["round"] for r in records]
+    final = final_global_metrics(global_eval)
+    for key, label, style in (
+        ("dice_mean", "mean", "-o"),
+        ("dice_tc", "tumour core", "--"),
+        ("dice_wt", "whole tumour", "--"),
+        ("dice_et", "enhancing tumour", "--"),
+    ):
+        xs = list(rounds)
+        ys = [r.get("global_model_metrics", {}).get(key, math.nan) for r in records]
+        if key in final:
+            xs.append((rounds[-1] + 1) if rounds else 0)
+            ys.append(final[key])
+        ys = [math.nan if y is None else y for y in ys]
+        ax.plot(xs, ys, style, label=label)
+    ax.set_xlabel("round (global model after this many aggregations)")
+    ax.set_ylabel("validation Dice")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    ax.set_title(title or "Global model Dice per round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

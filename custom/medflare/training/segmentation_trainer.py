@@ -1,0 +1,218 @@
+"""Local training and validation of a 3D brain-tumour segmentation network, without NVFlare.
+
+:class:`SegmentationTrainer` is what a site runs each round: load the global weights, train on
+random crops with MONAI's ``DiceLoss`` on the TC / WT / ET channels, and score whole volumes by
+sliding-window inference with ``DiceMetric``. It knows nothing of federated learning, so it can
+be tested, profiled and used centrally on its own; the executor adapts it to NVFlare.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from medflare.training.brats_transforms import REGIONS, train_transforms, val_transforms
+from medflare.training.device import select_device, use_amp
+
+__all__ = ["SegmentationTrainer", "TrainResult", "WeightMismatchError"]
+
+
+class WeightMismatchError(ValueError):
+    """Weights that do not fit the model: missing or unexpected keys, or wrong shapes."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one call of :meth:`SegmentationTrainer.train` did.
+
+    Attributes:
+        steps: optimizer steps taken.
+        mean_loss: mean training loss over those steps (NaN when no step was taken).
+        seconds: wall time spent.
+        aborted: True when ``should_abort`` stopped training early.
+    """
+
+    steps: int
+    mean_loss: float
+    seconds: float
+    aborted: bool
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class SegmentationTrainer:
+    """Trains and validates a segmentation network on one site's BraTS data.
+
+    Args:
+        model: the network (4 input channels, 3 output logits: TC, WT, ET).
+        train_files: ``[{"image": [t1, t1ce, t2, flair], "label": seg}, ...]``.
+        val_files: same form, for validation.
+        roi_size: training crop size, three ints >= 8.
+        val_roi_size: sliding-window size for validation; defaults to ``roi_size``.
+        batch_size: training crops per step.
+        learning_rate: Adam learning rate, in (0, 1].
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        amp: use mixed precision when on CUDA.
+        cache_rate: fraction of the pre-processed data kept in memory, in [0, 1].
+        pixdim: resample to this voxel size (mm) when given; None keeps the data's grid.
+        seed: seed of crops and augmentation.
+        sw_batch_size: windows per forward pass during validation.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        train_files: Sequence[Mapping],
+        val_files: Sequence[Mapping],
+        roi_size: Sequence[int] = (48, 48, 48),
+        val_roi_size: Optional[Sequence[int]] = None,
+        batch_size: int = 2,
+        learning_rate: float = 1e-3,
+        device: str = "auto",
+        amp: bool = True,
+        cache_rate: float = 1.0,
+        pixdim: Optional[Sequence[float]] = None,
+        seed: int = 0,
+        sw_batch_size: int = 2,
+    ):
+        from monai.data import CacheDataset, DataLoader
+        from monai.utils import set_determinism
+
+        val_roi_size = roi_size if val_roi_size is None else val_roi_size
+        for name, roi in (("roi_size", roi_size), ("val_roi_size", val_roi_size)):
+            if len(roi) != 3 or any(isinstance(r, bool) or not isinstance(r, int) or r < 8 for r in roi):
+                raise ValueError(f"{name} must be three ints >= 8, got {roi!r}")
+        _positive_int("batch_size", batch_size)
+        _positive_int("sw_batch_size", sw_batch_size)
+        if not (isinstance(learning_rate, (int, float)) and 0 < learning_rate <= 1):
+            raise ValueError(f"learning_rate must be in (0, 1], got {learning_rate!r}")
+        if not (isinstance(cache_rate, (int, float)) and 0 <= cache_rate <= 1):
+            raise ValueError(f"cache_rate must be in [0, 1], got {cache_rate!r}")
+        if not train_files or not val_files:
+            raise ValueError("train_files and val_files must both be non-empty")
+
+        self.roi_size = tuple(roi_size)
+        self.val_roi_size = tuple(val_roi_size)
+        self.sw_batch_size = sw_batch_size
+        self.device = select_device(device)
+        self.amp = use_amp(self.device, amp)
+        set_determinism(seed=seed)
+        self.model = model.to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=learning_rate)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+        from monai.losses import DiceLoss
+
+        self.loss_fn = DiceLoss(smooth_nr=0.0, smooth_dr=1e-5, squared_pred=True, sigmoid=True, batch=True)
+        train_ds = CacheDataset(list(train_files), train_transforms(roi_size, pixdim), cache_rate=cache_rate, progress=False)
+        val_ds = CacheDataset(list(val_files), val_transforms(pixdim), cache_rate=cache_rate, progress=False)
+        generator = torch.Generator().manual_seed(seed)
+        self.train_loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, num_workers=0, generator=generator)
+        self.val_loader = DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=0)
+        self.num_train_cases = len(train_ds)
+        self.num_val_cases = len(val_ds)
+
+    # weights -------------------------------------------------------------------------------
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """The model's state as numpy arrays on the CPU (copies)."""
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+
+    def set_weights(self, weights: Mapping[str, object]) -> None:
+        """Load a full state (numpy arrays or tensors), refusing anything that does not fit exactly.
+
+        Raises:
+            WeightMismatchError: naming missing keys, unexpected keys or the first bad shape.
+        """
+        state = self.model.state_dict()
+        missing = sorted(set(state) - set(weights))
+        unexpected = sorted(set(weights) - set(state))
+        if missing or unexpected:
+            raise WeightMismatchError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        new_state = {}
+        for key, ref in state.items():
+            value = torch.as_tensor(np.asarray(weights[key]) if not torch.is_tensor(weights[key]) else weights[key])
+            if tuple(value.shape) != tuple(ref.shape):
+                raise WeightMismatchError(f"weight {key!r} has shape {tuple(value.shape)}, the model needs {tuple(ref.shape)}")
+            new_state[key] = value.to(dtype=ref.dtype)
+        self.model.load_state_dict(new_state, strict=True)
+
+    @staticmethod
+    def weight_diff(after: Mapping[str, np.ndarray], before: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``after - before`` per key, in each entry's own dtype (float32 for parameters)."""
+        return {k: np.subtract(after[k], before[k]).astype(after[k].dtype, copy=False) for k in after}
+
+    # training ------------------------------------------------------------------------------
+
+    def train(
+        self, epochs: int = 1, max_steps: Optional[int] = None, should_abort: Callable[[], bool] = lambda: False
+    ) -> TrainResult:
+        """Train for ``epochs`` passes over the training data, or ``max_steps`` steps if fewer.
+
+        ``should_abort`` is asked before every batch; when it answers True training stops and
+        the result says so.
+        """
+        _positive_int("epochs", epochs)
+        if max_steps is not None:
+            _positive_int("max_steps", max_steps)
+        start = time.perf_counter()
+        self.model.train()
+        steps, total = 0, 0.0
+        for _ in range(epochs):
+            for batch in self.train_loader:
+                if should_abort():
+                    return TrainResult(steps, total / steps if steps else math.nan, time.perf_counter() - start, True)
+                if max_steps is not None and steps >= max_steps:
+                    break
+                images = batch["image"].to(self.device)
+                labels = batch["label"].to(self.device)
+                self.optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(self.device.type, enabled=self.amp):
+                    loss = self.loss_fn(self.model(images), labels)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                steps += 1
+                total += float(loss.detach())
+        return TrainResult(steps, total / steps if steps else math.nan, time.perf_counter() - start, False)
+
+    # validation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self, should_abort: Callable[[], bool] = lambda: False) -> Optional[dict[str, float]]:
+        """Dice per region on the validation volumes, by sliding-window inference.
+
+        Returns:
+            ``{"dice_tc", "dice_wt", "dice_et", "dice_mean", "num_cases"}``, or None when
+            ``should_abort`` stopped it. A region absent from every validation label is NaN.
+        """
+        from monai.inferers import sliding_window_inference
+        from monai.metrics import DiceMetric
+
+        metric = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=True)
+        self.model.eval()
+        for batch in self.val_loader:
+            if should_abort():
+                return None
+            images = batch["image"].to(self.device)
+            with torch.autocast(self.device.type, enabled=self.amp):
+                logits = sliding_window_inference(
+                    images, self.val_roi_size, self.sw_batch_size, self.model, overlap=0.25, mode="gaussian"
+                )
+            prediction = (torch.sigmoid(logits.float()) > 0.5).float()
+            metric(y_pred=prediction, y=batch["label"].to(self.device))
+        per_region = metric.aggregate().cpu().numpy().astype(float)
+        result = {f"dice_{r}": float(v) for r, v in zip(REGIONS, per_region)}
+        finite = [v for v in per_region if np.isfinite(v)]
+        result["dice_mean"] = float(np.mean(finite)) if finite else math.nan
+        result["num_cases"] = self.num_val_cases
+        return result
