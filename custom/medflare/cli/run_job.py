@@ -106,7 +106,11 @@ def _site_data(opts: RunOptions, log) -> str:
     return os.path.join(data_root, "{site_name}", "data_config.json")
 
 
-def run_job(opts: RunOptions, log=print) -> dict:
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+def run_job(opts: RunOptions, log=_print) -> dict:
     """Prepare sites, run the job in the simulator while printing per-round progress, then
     print the summary and save the plot.
 

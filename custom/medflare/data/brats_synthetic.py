@@ -182,7 +182,7 @@ def _tumour_labels(
     labels = np.zeros(shape, dtype=np.uint8)
     inside = brain > 0.5
     oedema = (oedema_dist < r_whole * (0.75 + 0.5 * wm)) & (parenchyma > 0.25)
-    labels[oedema | (core_dist < r_enh * 1.25) & inside] = BRATS_LABELS["oedema"]
+    labels[(oedema | (core_dist < r_enh * 1.25)) & inside] = BRATS_LABELS["oedema"]
     labels[(core_dist < r_enh) & inside] = BRATS_LABELS["enhancing_tumour"]
     labels[(core_dist < r_nec) & inside] = BRATS_LABELS["necrotic_core"]
     return labels

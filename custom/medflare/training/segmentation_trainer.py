@@ -43,6 +43,23 @@ class TrainResult:
     aborted: bool
 
 
+def _unreadable_file_error(files: Sequence[Mapping]) -> Optional[ValueError]:
+    """A ValueError naming the first image or label that cannot be read, or None if all load."""
+    from monai.transforms import LoadImage
+
+    from medflare.data.brats_layout import DataListError
+
+    loader = LoadImage(image_only=True)
+    for item in files:
+        for path in list(item["image"]) + [item["label"]]:
+            try:
+                loader(path)
+            except Exception as e:
+                cause = e.__cause__ or e
+                return DataListError(f"cannot read {path}: {type(cause).__name__}: {cause}")
+    return None
+
+
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -113,8 +130,12 @@ class SegmentationTrainer:
         from monai.losses import DiceLoss
 
         self.loss_fn = DiceLoss(smooth_nr=0.0, smooth_dr=1e-5, squared_pred=True, sigmoid=True, batch=True)
-        train_ds = CacheDataset(list(train_files), train_transforms(roi_size, pixdim), cache_rate=cache_rate, progress=False)
-        val_ds = CacheDataset(list(val_files), val_transforms(pixdim), cache_rate=cache_rate, progress=False)
+        try:
+            train_ds = CacheDataset(list(train_files), train_transforms(roi_size, pixdim), cache_rate=cache_rate, progress=False)
+            val_ds = CacheDataset(list(val_files), val_transforms(pixdim), cache_rate=cache_rate, progress=False)
+        except Exception as e:
+            # MONAI's message names the transform, not the file: find the file that does not load
+            raise _unreadable_file_error(list(train_files) + list(val_files)) or e
         generator = torch.Generator().manual_seed(seed)
         self.train_loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, num_workers=0, generator=generator)
         self.val_loader = DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=0)
