@@ -17,6 +17,7 @@ __all__ = [
     "read_global_eval",
     "format_round_line",
     "format_summary",
+    "final_global_metrics",
     "plot_dice_per_round",
 ]
 
@@ -103,14 +104,11 @@ def format_summary(records: list[dict], global_eval: dict, wall_seconds: Optiona
 
 
 def final_global_metrics(global_eval: dict, model_name: str = "SRV_FL_global_model.pt") -> dict[str, float]:
-    """Mean over sites of each Dice of one server model in the final evaluation."""
-    out = {}
-    for key in ("dice_mean",) + tuple(f"dice_{r}" for r in _REGIONS):
-        values = [m[model_name][key] for m in global_eval.values() if model_name in m and key in m[model_name]]
-        values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-        if values:
-            out[key] = sum(values) / len(values)
-    return out
+    """Dice of one server model in the final evaluation, averaged over sites weighted by their
+    number of validation cases (as the per-round figures are)."""
+    from medflare.reporting.round_metrics_writer import weighted_mean_metrics
+
+    return weighted_mean_metrics({site: models[model_name] for site, models in global_eval.items() if model_name in models})
 
 
 def plot_dice_per_round(records: list[dict], global_eval: dict, path: str, title: str = "") -> str:

@@ -55,13 +55,14 @@ def test_progress_line_and_summary_table():
     assert "wall time 42 s" in summary
 
 
-def test_final_metrics_average_over_sites():
+def test_final_metrics_average_over_sites_by_case_count():
     evaluation = {
-        "site-1": {"SRV_FL_global_model.pt": {"dice_mean": 0.2, "dice_tc": float("nan")}},
-        "site-2": {"SRV_FL_global_model.pt": {"dice_mean": 0.6, "dice_tc": 0.5}},
+        "site-1": {"SRV_FL_global_model.pt": {"dice_mean": 0.2, "dice_tc": float("nan"), "num_cases": 1}},
+        "site-2": {"SRV_FL_global_model.pt": {"dice_mean": 0.6, "dice_tc": 0.5, "num_cases": 3}},
+        "site-3": {"SRV_best_FL_global_model.pt": {"dice_mean": 0.9}},
     }
     final = run_summary.final_global_metrics(evaluation)
-    assert final["dice_mean"] == pytest.approx(0.4) and final["dice_tc"] == pytest.approx(0.5)
+    assert final["dice_mean"] == pytest.approx(0.5) and final["dice_tc"] == pytest.approx(0.5)
 
 
 def test_plot_is_a_png(tmp_path):

@@ -1,0 +1,23 @@
+# The two quick-start commands: `make demo` and `make test`. Each sets up .venv first if needed.
+VENV := .venv
+STAMP := $(VENV)/.medflare-installed
+
+.PHONY: setup demo test test-unit bench clean
+
+$(STAMP): setup.cfg pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/medflare run jobs/brats_fedavg --sites 3
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+test-unit: $(STAMP)
+	$(VENV)/bin/python -m pytest tests/unit
+
+clean:
+	rm -rf workspace .pytest_cache
