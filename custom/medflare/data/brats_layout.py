@@ -45,6 +45,25 @@ class DataListError(ValueError):
     """A datalist or the data it names is missing, unreadable or malformed."""
 
 
+def read_json_object(path: str, what: str) -> dict:
+    """Read a JSON file that must hold an object.
+
+    Raises:
+        DataListError: ``"<what> not found: <path>"``, ``"<what> <path> is not readable JSON: ..."``
+            or ``"<what> <path> must hold a JSON object, got ..."``.
+    """
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except FileNotFoundError:
+        raise DataListError(f"{what} not found: {path}") from None
+    except (OSError, ValueError) as e:
+        raise DataListError(f"{what} {path} is not readable JSON: {e}") from None
+    if not isinstance(content, dict):
+        raise DataListError(f"{what} {path} must hold a JSON object, got {type(content).__name__}")
+    return content
+
+
 @dataclass(frozen=True)
 class BratsSubject:
     """One subject: its id, one image path per modality (in ``MODALITIES`` order), its label path."""
@@ -130,15 +149,7 @@ def load_datalist(datalist_path: str, data_root: str, check_files: bool = True) 
     Raises:
         DataListError: naming the file that is missing, unreadable or malformed.
     """
-    try:
-        with open(datalist_path) as f:
-            content = json.load(f)
-    except FileNotFoundError:
-        raise DataListError(f"datalist not found: {datalist_path}") from None
-    except (OSError, ValueError) as e:
-        raise DataListError(f"datalist {datalist_path} is not readable JSON: {e}") from None
-    if not isinstance(content, dict):
-        raise DataListError(f"datalist {datalist_path} must hold a JSON object, got {type(content).__name__}")
+    content = read_json_object(datalist_path, "datalist")
     lists = []
     for key in ("training", "validation"):
         items = content.get(key)

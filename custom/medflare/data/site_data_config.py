@@ -14,12 +14,11 @@ Relative paths are relative to the folder of that file. The file is looked up in
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from medflare.data.brats_layout import DataListError
+from medflare.data.brats_layout import DataListError, read_json_object
 
 __all__ = ["ENV_VAR", "LOCAL_FILE_NAME", "SiteDataConfig", "resolve_site_data_config", "read_site_data_config"]
 
@@ -42,15 +41,7 @@ def read_site_data_config(path: str) -> SiteDataConfig:
     Raises:
         DataListError: naming ``path`` when it is missing, not JSON or lacks a field.
     """
-    try:
-        with open(path) as f:
-            content = json.load(f)
-    except FileNotFoundError:
-        raise DataListError(f"site data configuration not found: {path}") from None
-    except (OSError, ValueError) as e:
-        raise DataListError(f"site data configuration {path} is not readable JSON: {e}") from None
-    if not isinstance(content, dict):
-        raise DataListError(f"site data configuration {path} must hold a JSON object")
+    content = read_json_object(path, "site data configuration")
     base = os.path.dirname(os.path.abspath(path))
     resolved = {}
     for key in ("data_root", "datalist"):
