@@ -2,6 +2,7 @@
 
     medflare data brats --out DIR [--sites N] [--cases C] [--size S] [--seed K]
     medflare run JOB_DIR [--sites N] [--rounds R] [--workspace DIR] [--data DIR] ...
+    medflare budget show --workspace SITE_DIR [--delta D] [--accountant rdp|prv]
 """
 
 from __future__ import annotations
@@ -41,7 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed of the generated data")
     run.add_argument("--threads", type=int, default=None, help="sites run in parallel (default: all)")
     run.add_argument("--gpu", default=None, help="GPU ids for the simulator, e.g. 0 or 0,1")
+    budget = sub.add_parser("budget", help="a site's differential-privacy budget")
+    budget_sub = budget.add_subparsers(dest="action", required=True)
+    show = budget_sub.add_parser("show", help="print the site's privacy ledger and the epsilon spent")
+    show.add_argument("--workspace", required=True, help="the FLARE client's workspace folder (or the ledger file)")
+    show.add_argument("--delta", type=float, default=None, help="delta to compute epsilon at (default: the ledger's)")
+    show.add_argument("--accountant", choices=["rdp", "prv"], default=None)
     return parser
+
+
+def _budget(args) -> int:
+    from medflare.cli.budget import format_budget, ledger_path
+
+    print(format_budget(ledger_path(args.workspace), args.delta, args.accountant))
+    return 0
 
 
 def _data_brats(args) -> int:
@@ -80,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from medflare.data.brats_layout import DataListError
 
     args = build_parser().parse_args(argv)
-    handlers = {"data": _data_brats, "run": _run}
+    handlers = {"data": _data_brats, "run": _run, "budget": _budget}
     try:
         return handlers[args.command](args)
     except (JobRunError, DataListError, ValueError) as e:

@@ -3,7 +3,8 @@
 :class:`RoundMetricsWriter` is an NVFlare component that listens to the FedAvg workflow's events
 and appends one JSON line per round to ``<run dir>/medflare_metrics.jsonl``. It reads only what
 sites already send in their result's DXO meta (``initial_metrics``, ``train_loss``,
-``NUM_STEPS_CURRENT_ROUND``, timings), so it sees exactly what the aggregator sees, in the
+``NUM_STEPS_CURRENT_ROUND``, timings, the filters applied and what privacy filters report),
+so it sees exactly what the aggregator sees, in the
 simulator and in a real federation alike; the file travels with the job's downloaded result.
 
 The Dice reported for round ``r`` is that of the global model the sites received at the start
@@ -87,7 +88,10 @@ class RoundMetricsWriter(FLComponent):
         except Exception:
             return
         metrics = dxo.get_meta_prop(MetaKey.INITIAL_METRICS) or {}
+        privacy = {k: v for k, v in dxo.meta.items() if k.startswith("medflare_") and isinstance(v, dict)}
         self._sites[site] = {
+            "filter_history": dxo.get_meta_prop(MetaKey.FILTER_HISTORY) or [],
+            "privacy": privacy,
             "train_loss": dxo.get_meta_prop("train_loss"),
             "steps": dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND),
             "train_seconds": dxo.get_meta_prop("train_seconds"),

@@ -1,0 +1,147 @@
+"""NVFlare filter for Gaussian differential privacy on a site's update, with an (epsilon, delta)
+accountant and the site's persistent privacy budget.
+
+The mathematics, the neighbouring relation (a whole site's dataset) and what voids the
+guarantee are in :mod:`medflare.privacy.gaussian_mechanism`; accounting in
+:mod:`medflare.privacy.accounting`; the budget in :mod:`medflare.privacy.budget_ledger`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.app_constant import AppConstants
+
+from medflare.filters.fail_closed_filter import FailClosedDXOFilter
+from medflare.privacy.accounting import check_accountant, epsilon_spent, noise_multiplier_for
+from medflare.privacy.argument_checks import check_int, check_real
+from medflare.privacy.budget_ledger import LEDGER_FILE_NAME, LedgerError, PrivacyBudgetLedger
+from medflare.privacy.gaussian_mechanism import gaussian_release
+from medflare.privacy.noise_sources import make_noise_source
+
+__all__ = ["GaussianPrivacyFilter", "PRIVACY_META_KEY"]
+
+PRIVACY_META_KEY = "medflare_gaussian_dp"
+
+
+class GaussianPrivacyFilter(FailClosedDXOFilter):
+    """Clip a ``WEIGHT_DIFF`` to L2 norm ``clipping_norm`` and add Gaussian noise, within a budget.
+
+    Give either ``noise_multiplier`` or ``target_epsilon`` with ``num_rounds`` (the noise
+    multiplier is then solved so that ``num_rounds`` releases spend ``target_epsilon``).
+
+    Args:
+        clipping_norm: L2 bound C on the whole update, in (0, inf).
+        max_epsilon: the privacy budget of the site, in (0, inf): a release that would take the
+            site's cumulative epsilon (over all jobs, recorded in its ledger) above it is refused
+            before any noise is drawn.
+        noise_multiplier: z in (0, inf); noise standard deviation is z * C.
+        target_epsilon: epsilon to spend over ``num_rounds`` releases, in (0, inf).
+        num_rounds: planned releases, for ``target_epsilon``; an int >= 1.
+        target_delta: delta in (0, 1) for accounting and for the budget.
+        accountant: ``"rdp"`` (default) or ``"prv"``.
+        noise_seed: null (default) draws noise from the operating system's cryptographically
+            secure generator; an int seeds a reproducible, insecure generator (tests only).
+        passthrough_data_kinds: result kinds without model parameters let through unchanged
+            (default ``["METRICS"]``, so validation results pass a site-wide filter).
+
+    Raises:
+        ValueError, TypeError: when the job is built, for any out-of-range, wrongly typed or
+            contradictory argument.
+    """
+
+    def __init__(
+        self,
+        clipping_norm: float,
+        max_epsilon: float,
+        noise_multiplier: Optional[float] = None,
+        target_epsilon: Optional[float] = None,
+        num_rounds: Optional[int] = None,
+        target_delta: float = 1e-5,
+        accountant: str = "rdp",
+        noise_seed: Optional[int] = None,
+        passthrough_data_kinds: Optional[list] = None,
+    ):
+        super().__init__([DataKind.WEIGHT_DIFF], passthrough_data_kinds)
+        check_real("clipping_norm", clipping_norm, 0.0, None, low_open=True)
+        check_real("max_epsilon", max_epsilon, 0.0, None, low_open=True)
+        check_real("target_delta", target_delta, 0.0, 1.0, low_open=True, high_open=True)
+        check_accountant(accountant)
+        if noise_seed is not None:
+            check_int("noise_seed", noise_seed, 0)
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ValueError(
+                "give exactly one of noise_multiplier or target_epsilon (with num_rounds), "
+                f"got noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}"
+            )
+        if noise_multiplier is not None:
+            z = check_real("noise_multiplier", noise_multiplier, 0.0, None, low_open=True)
+            if num_rounds is not None:
+                check_int("num_rounds", num_rounds, 1)
+        else:
+            check_real("target_epsilon", target_epsilon, 0.0, None, low_open=True)
+            if num_rounds is None:
+                raise ValueError("num_rounds is required with target_epsilon: the noise is solved for that many releases")
+            check_int("num_rounds", num_rounds, 1)
+            z = noise_multiplier_for(target_epsilon, target_delta, num_rounds, accountant)
+        self.clipping_norm = clipping_norm
+        self.max_epsilon = max_epsilon
+        self.noise_multiplier = noise_multiplier
+        self.target_epsilon = target_epsilon
+        self.num_rounds = num_rounds
+        self.target_delta = target_delta
+        self.accountant = accountant
+        self.noise_seed = noise_seed
+        self.effective_noise_multiplier = z
+        self._noise = make_noise_source(noise_seed)
+        self._releases_this_run = 0
+
+    def _ledger(self, fl_ctx: FLContext) -> PrivacyBudgetLedger:
+        workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
+        if workspace is None:
+            raise LedgerError("no site workspace in the FL context: the privacy ledger cannot be found")
+        path = os.path.join(workspace.get_site_config_dir(), LEDGER_FILE_NAME)
+        return PrivacyBudgetLedger(path, self.max_epsilon, self.target_delta, self.accountant)
+
+    def filter_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
+        from medflare.privacy.update_checks import check_update
+
+        check_update(dxo.data)  # NaN, inf, empty: refused before the budget is touched
+        z = self.effective_noise_multiplier
+        ledger = self._ledger(fl_ctx)
+        round_number = shareable.get_header(AppConstants.CURRENT_ROUND)
+        _, site_epsilon = ledger.reserve(z, job_id=fl_ctx.get_job_id() or "", round_number=round_number, source=type(self).__name__)
+        released, info = gaussian_release(dxo.data, self.clipping_norm, z, self._noise)
+        self._releases_this_run += 1
+        round_epsilon = epsilon_spent([(z, 1)], self.target_delta, self.accountant)
+        run_epsilon = epsilon_spent([(z, self._releases_this_run)], self.target_delta, self.accountant)
+        privacy = {
+            "mechanism": "gaussian",
+            "neighbouring_relation": "add/remove one site's whole dataset",
+            "clipping_norm": self.clipping_norm,
+            "noise_multiplier": z,
+            "delta": self.target_delta,
+            "accountant": self.accountant,
+            "epsilon_round": round_epsilon,
+            "epsilon_run": run_epsilon,
+            "epsilon_site": site_epsilon,
+            "max_epsilon": self.max_epsilon,
+            "secure_noise": self._noise.cryptographically_secure,
+        }
+        meta = dict(dxo.meta)
+        meta[PRIVACY_META_KEY] = privacy
+        self.log_info(
+            fl_ctx,
+            f"Gaussian DP release {self._releases_this_run} (round {round_number}): z={z:.4g}, C={self.clipping_norm:g}, "
+            f"epsilon round {round_epsilon:.4g}, this run {run_epsilon:.4g}, site total {site_epsilon:.4g} of "
+            f"{self.max_epsilon:g} (delta {self.target_delta:g}, {self.accountant}); update norm {info.l2_norm:.4g} "
+            f"clipped by {info.clip_factor:.4g}",
+        )
+        if not self._noise.cryptographically_secure:
+            self.log_warning(fl_ctx, "noise_seed is set: noise is reproducible and NOT secure; for tests only")
+        return DXO(data_kind=dxo.data_kind, data=released, meta=meta)

@@ -1,0 +1,49 @@
+"""NVFlare filter for partial (percentile) sharing; the mathematics is in
+:mod:`medflare.privacy.percentile_sharing`. Not differential privacy."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+
+from medflare.filters.fail_closed_filter import FailClosedDXOFilter
+from medflare.privacy.percentile_sharing import check_sharing_arguments, share_largest_fraction
+
+__all__ = ["PercentileSharingFilter", "SHARING_META_KEY"]
+
+SHARING_META_KEY = "medflare_percentile_sharing"
+
+
+class PercentileSharingFilter(FailClosedDXOFilter):
+    """Share only the ``fraction_shared`` largest-magnitude entries of a ``WEIGHT_DIFF``, clipped to ±``gamma``.
+
+    Args:
+        fraction_shared: fraction of the update's floating-point entries shared, in (0, 1].
+        gamma: bound on each shared value, in (0, inf); null shares values unclipped.
+        passthrough_data_kinds: result kinds without model parameters let through unchanged
+            (default ``["METRICS"]``, so validation results pass a site-wide filter).
+
+    Raises:
+        ValueError, TypeError: when the job is built, for an out-of-range or wrongly typed argument.
+    """
+
+    def __init__(self, fraction_shared: float, gamma: Optional[float], passthrough_data_kinds: Optional[list] = None):
+        super().__init__([DataKind.WEIGHT_DIFF], passthrough_data_kinds)
+        check_sharing_arguments(fraction_shared, gamma)
+        self.fraction_shared = fraction_shared
+        self.gamma = gamma
+
+    def filter_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
+        shared, summary = share_largest_fraction(dxo.data, self.fraction_shared, self.gamma)
+        meta = dict(dxo.meta)
+        meta[SHARING_META_KEY] = {
+            "fraction_shared": self.fraction_shared,
+            "gamma": self.gamma,
+            "num_shared": summary.num_shared,
+            "num_total": summary.num_total,
+        }
+        self.log_info(fl_ctx, f"shared {summary.num_shared} of {summary.num_total} entries (gamma {self.gamma})")
+        return DXO(data_kind=dxo.data_kind, data=shared, meta=meta)

@@ -1,0 +1,86 @@
+"""(epsilon, delta) accounting for repeated Gaussian releases, by Opacus.
+
+Notes:
+    A site that releases its clipped update with Gaussian noise of standard deviation
+    :math:`\\sigma = z C` every round takes part with sampling rate :math:`q = 1` (no
+    subsampling amplification). After :math:`T` releases the Rényi-DP of order
+    :math:`\\alpha` is :math:`T \\alpha / (2 z^2)` (Mironov 2017 [1], Prop. 7 and Prop. 1), and
+    Opacus's RDP accountant converts it to :math:`(\\varepsilon, \\delta)` with the bound of
+    Balle et al. 2020 [2]. The PRV accountant (Gopi et al. 2021 [3]) computes a tighter
+    :math:`\\varepsilon` numerically. Releases with different :math:`z` compose by adding RDP
+    curves (RDP) or privacy-loss distributions (PRV).
+
+    References:
+        [1] I. Mironov, "Rényi Differential Privacy", CSF 2017.
+        [2] B. Balle et al., "Hypothesis Testing Interpretations and Renyi Differential Privacy", AISTATS 2020.
+        [3] S. Gopi, Y. T. Lee, L. Wutschitz, "Numerical Composition of Differential Privacy", NeurIPS 2021.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from medflare.privacy.argument_checks import check_int, check_real
+
+__all__ = ["ACCOUNTANTS", "epsilon_spent", "noise_multiplier_for", "check_accountant"]
+
+#: Accountants medflare supports, by Opacus name.
+ACCOUNTANTS = ("rdp", "prv")
+
+
+def check_accountant(accountant) -> str:
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    return accountant
+
+
+def _opacus_accountant(name: str):
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    return RDPAccountant() if name == "rdp" else PRVAccountant()
+
+
+def epsilon_spent(releases: Iterable[tuple[float, int]], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon after the given Gaussian releases at sampling rate 1.
+
+    Args:
+        releases: ``(noise_multiplier, count)`` pairs.
+        delta: target delta, in (0, 1).
+        accountant: ``"rdp"`` or ``"prv"``.
+
+    Returns:
+        epsilon (0.0 when there were no releases).
+    """
+    check_accountant(accountant)
+    check_real("delta", delta, 0.0, 1.0, low_open=True, high_open=True)
+    history = []
+    for z, count in releases:
+        check_real("noise_multiplier", z, 0.0, None, low_open=True)
+        check_int("count", count, 0)
+        if count:
+            history.append((float(z), 1.0, int(count)))
+    if not history:
+        return 0.0
+    acc = _opacus_accountant(accountant)
+    acc.history = history
+    return float(acc.get_epsilon(delta=delta))
+
+
+def noise_multiplier_for(target_epsilon: float, target_delta: float, num_releases: int, accountant: str = "rdp") -> float:
+    """The smallest noise multiplier (to Opacus's tolerance) whose ``num_releases`` releases stay
+    within ``(target_epsilon, target_delta)``."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    check_real("target_epsilon", target_epsilon, 0.0, None, low_open=True)
+    check_real("target_delta", target_delta, 0.0, 1.0, low_open=True, high_open=True)
+    check_int("num_rounds", num_releases, 1)
+    check_accountant(accountant)
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=1.0,
+            steps=num_releases,
+            accountant=accountant,
+        )
+    )

@@ -1,0 +1,62 @@
+"""What a model update must look like before any privacy mechanism touches it.
+
+An update is a non-empty mapping from parameter name to a numpy array or torch tensor. Anything
+else (a bare number, a list, an empty mapping, NaN or infinite values) is refused with
+:class:`UnsafeUpdateError`, so that a filter raises and NVFlare sends nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+__all__ = ["UnsafeUpdateError", "check_update", "is_floating", "numel"]
+
+
+class UnsafeUpdateError(ValueError):
+    """An update that must not leave the site: malformed, non-finite, or over budget."""
+
+
+def _is_tensor(value) -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return isinstance(value, torch.Tensor)
+
+
+def is_floating(value) -> bool:
+    """True for floating-point numpy arrays and torch tensors."""
+    if isinstance(value, np.ndarray):
+        return np.issubdtype(value.dtype, np.floating)
+    return _is_tensor(value) and value.is_floating_point()
+
+
+def numel(value) -> int:
+    return int(value.size) if isinstance(value, np.ndarray) else int(value.numel())
+
+
+def check_update(update, require_float: bool = True) -> None:
+    """Refuse anything that is not a well-formed, finite update.
+
+    Args:
+        update: mapping of parameter name to numpy array or torch tensor.
+        require_float: at least one floating-point entry with at least one element is required.
+
+    Raises:
+        UnsafeUpdateError: naming the first offending entry.
+    """
+    if not isinstance(update, Mapping) or not update:
+        raise UnsafeUpdateError(f"update must be a non-empty mapping of name to array, got {type(update).__name__}")
+    total = 0
+    for key, value in update.items():
+        if not isinstance(value, np.ndarray) and not _is_tensor(value):
+            raise UnsafeUpdateError(f"update entry {key!r} is {type(value).__name__}, not a numpy array or torch tensor")
+        if is_floating(value):
+            finite = np.isfinite(value).all() if isinstance(value, np.ndarray) else bool(value.isfinite().all())
+            if not finite:
+                raise UnsafeUpdateError(f"update entry {key!r} holds NaN or infinite values")
+            total += numel(value)
+    if require_float and total == 0:
+        raise UnsafeUpdateError("update has no floating-point values to release")
