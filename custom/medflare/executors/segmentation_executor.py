@@ -294,7 +294,9 @@ class SegmentationExecutor(Executor):
             f"round {current_round}: {result.steps} steps, loss {result.mean_loss:.4f} in {result.seconds:.1f}s; "
             f"global model dice {initial.get('dice_mean', float('nan')):.4f}",
         )
-        return DXO(data_kind=DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
+        result = DXO(data_kind=DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
+        result.set_header(AppConstants.CURRENT_ROUND, current_round)  # filters and ledgers name the round
+        return result
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         from medflare.training.segmentation_trainer import WeightMismatchError

@@ -3,8 +3,8 @@
 NVFlare's ``DXOFilter`` passes a result through unchanged when its return code is not OK, when
 it holds no DXO, or when the data kind is not one the filter handles. For a privacy filter each
 of those is a way for an unfiltered update to leave the site. :class:`FailClosedDXOFilter`
-raises instead; NVFlare then replies ``TASK_RESULT_FILTER_ERROR`` and sends nothing. The only
-result passed through is an error reply that carries no data at all.
+raises instead; NVFlare then replies ``TASK_RESULT_FILTER_ERROR`` and sends nothing. An error
+reply is passed through only when it carries nothing but headers.
 
 A site's ``privacy.json`` filters see every task's result, validation metrics included. Data
 kinds that carry no model parameters can be let through by name (``passthrough_data_kinds``,
@@ -21,13 +21,12 @@ from nvflare.apis.dxo import DXO, from_shareable
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable
+from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 
 from medflare.privacy.update_checks import UnsafeUpdateError
 
 __all__ = ["FailClosedDXOFilter"]
 
-_DXO_KEY = "DXO"
 #: Data kinds that carry no model parameters; only these may be passed through.
 _NON_MODEL_KINDS = ("METRICS", "ANALYTIC", "STATISTICS")
 
@@ -61,9 +60,8 @@ class FailClosedDXOFilter(Filter):
     def __init__(self, supported_data_kinds: Sequence[str], passthrough_data_kinds: Optional[Sequence[str]] = None):
         super().__init__()
         self.supported_data_kinds = list(supported_data_kinds)
-        self.passthrough_data_kinds = check_passthrough_kinds(
-            ["METRICS"] if passthrough_data_kinds is None else passthrough_data_kinds
-        )
+        self.passthrough_data_kinds = passthrough_data_kinds
+        self._passthrough = check_passthrough_kinds(["METRICS"] if passthrough_data_kinds is None else passthrough_data_kinds)
 
     def filter_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:  # pragma: no cover - interface
         raise NotImplementedError
@@ -72,14 +70,14 @@ class FailClosedDXOFilter(Filter):
         name = type(self).__name__
         rc = shareable.get_return_code(ReturnCode.OK)
         if rc != ReturnCode.OK:
-            if _DXO_KEY in shareable:
+            if any(key != ReservedHeaderKey.HEADERS for key in shareable):
                 self._refuse(fl_ctx, f"{name}: a reply with return code {rc} still carries data; it is not released")
-            return shareable  # an error reply without data reveals nothing
+            return shareable  # an error reply with headers only reveals nothing
         try:
             dxo = from_shareable(shareable)
         except Exception as e:
             self._refuse(fl_ctx, f"{name}: the result is not a DXO ({e}); it is not released")
-        if _kind_name(dxo.data_kind) in self.passthrough_data_kinds:
+        if _kind_name(dxo.data_kind) in self._passthrough:
             self.log_debug(fl_ctx, f"{name}: {_kind_name(dxo.data_kind)} carries no model parameters; passed through")
             return shareable
         if dxo.data_kind not in self.supported_data_kinds:

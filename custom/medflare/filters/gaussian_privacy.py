@@ -8,6 +8,7 @@ guarantee are in :mod:`medflare.privacy.gaussian_mechanism`; accounting in
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -21,8 +22,9 @@ from medflare.filters.fail_closed_filter import FailClosedDXOFilter
 from medflare.privacy.accounting import check_accountant, epsilon_spent, noise_multiplier_for
 from medflare.privacy.argument_checks import check_int, check_real
 from medflare.privacy.budget_ledger import LEDGER_FILE_NAME, LedgerError, PrivacyBudgetLedger
-from medflare.privacy.gaussian_mechanism import gaussian_release
+from medflare.privacy.gaussian_mechanism import gaussian_release, l2_norm
 from medflare.privacy.noise_sources import make_noise_source
+from medflare.privacy.update_checks import UnsafeUpdateError, check_update
 
 __all__ = ["GaussianPrivacyFilter", "PRIVACY_META_KEY"]
 
@@ -109,12 +111,12 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
         return PrivacyBudgetLedger(path, self.max_epsilon, self.target_delta, self.accountant)
 
     def filter_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
-        from medflare.privacy.update_checks import check_update
-
         check_update(dxo.data)  # NaN, inf, empty: refused before the budget is touched
+        if not math.isfinite(l2_norm(dxo.data)):
+            raise UnsafeUpdateError("update norm overflows; nothing released")
         z = self.effective_noise_multiplier
         ledger = self._ledger(fl_ctx)
-        round_number = shareable.get_header(AppConstants.CURRENT_ROUND)
+        round_number = shareable.get_header(AppConstants.CURRENT_ROUND, fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
         _, site_epsilon = ledger.reserve(z, job_id=fl_ctx.get_job_id() or "", round_number=round_number, source=type(self).__name__)
         released, info = gaussian_release(dxo.data, self.clipping_norm, z, self._noise)
         self._releases_this_run += 1
@@ -139,9 +141,10 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
             fl_ctx,
             f"Gaussian DP release {self._releases_this_run} (round {round_number}): z={z:.4g}, C={self.clipping_norm:g}, "
             f"epsilon round {round_epsilon:.4g}, this run {run_epsilon:.4g}, site total {site_epsilon:.4g} of "
-            f"{self.max_epsilon:g} (delta {self.target_delta:g}, {self.accountant}); update norm {info.l2_norm:.4g} "
-            f"clipped by {info.clip_factor:.4g}",
+            f"{self.max_epsilon:g} (delta {self.target_delta:g}, {self.accountant})",
         )
+        # the norm is data-dependent: debug level only, so that streamed logs do not carry it
+        self.log_debug(fl_ctx, f"update norm {info.l2_norm:.4g}, clipped by factor {info.clip_factor:.4g}")
         if not self._noise.cryptographically_secure:
             self.log_warning(fl_ctx, "noise_seed is set: noise is reproducible and NOT secure; for tests only")
         return DXO(data_kind=dxo.data_kind, data=released, meta=meta)

@@ -73,7 +73,7 @@ def noise_multiplier_for(target_epsilon: float, target_delta: float, num_release
 
     check_real("target_epsilon", target_epsilon, 0.0, None, low_open=True)
     check_real("target_delta", target_delta, 0.0, 1.0, low_open=True, high_open=True)
-    check_int("num_rounds", num_releases, 1)
+    check_int("num_releases", num_releases, 1)
     check_accountant(accountant)
     return float(
         get_noise_multiplier(

@@ -25,8 +25,9 @@ Notes:
         (:class:`medflare.privacy.noise_sources.SecureGaussianNoise`);
       - anything released besides the noised update: values in the result's meta (training
         loss, validation metrics, step counts) are not privatised, nor are other tasks' results;
-      - a filter before this one that makes the update depend on data in a way this one does
-        not clip (filters after it are post-processing and harmless);
+      - data-dependent values that other filters (before or after this one) add to the
+        result's meta or headers; the update itself is clipped whole, so no earlier filter can
+        weaken the guarantee on it, and later filters only post-process it;
       - more releases than accounted, or a changed clipping norm or noise multiplier without
         accounting for it;
       - floating-point subtleties of sampling (Mironov 2012 [4]); the guarantee is for the
@@ -52,7 +53,7 @@ import numpy as np
 
 from medflare.privacy.argument_checks import check_real
 from medflare.privacy.noise_sources import GaussianNoiseSource
-from medflare.privacy.update_checks import check_update, is_floating
+from medflare.privacy.update_checks import UnsafeUpdateError, check_update, is_floating
 
 __all__ = ["GaussianRelease", "l2_norm", "gaussian_release"]
 
@@ -79,12 +80,13 @@ def _cpu_view(value) -> np.ndarray:
 def l2_norm(update: Mapping) -> float:
     """L2 norm of all floating-point entries together, accumulated in float64."""
     total = 0.0
-    for value in update.values():
-        if is_floating(value):
-            flat = _cpu_view(value).reshape(-1)
-            for start in range(0, flat.size, 1 << 20):
-                chunk = flat[start : start + (1 << 20)].astype(np.float64)
-                total += float(np.dot(chunk, chunk))
+    with np.errstate(over="ignore"):  # an overflowing norm is returned as inf and refused by the caller
+        for value in update.values():
+            if is_floating(value):
+                flat = _cpu_view(value).reshape(-1)
+                for start in range(0, flat.size, 1 << 20):
+                    chunk = flat[start : start + (1 << 20)].astype(np.float64)
+                    total += float(np.dot(chunk, chunk))
     return math.sqrt(total)
 
 
@@ -97,13 +99,16 @@ def gaussian_release(
     buffer, which the noise is drawn into) plus one chunk of the noise source.
 
     Raises:
-        UnsafeUpdateError: malformed, empty or non-finite update.
+        UnsafeUpdateError: malformed, empty or non-finite update, an update whose norm overflows,
+            or a release that would not be finite.
         ValueError, TypeError: bad ``clipping_norm`` or ``noise_multiplier``.
     """
     clip = check_real("clipping_norm", clipping_norm, 0.0, None, low_open=True)
     z = check_real("noise_multiplier", noise_multiplier, 0.0, None, low_open=True)
     check_update(update)
     norm = l2_norm(update)
+    if not math.isfinite(norm):
+        raise UnsafeUpdateError(f"update norm overflows ({norm}); nothing released")
     factor = 1.0 if norm <= clip else clip / norm
     std = z * clip
 
@@ -114,6 +119,8 @@ def gaussian_release(
     # out = factor * update + std * noise, computed in place in the noise buffer:
     # buffer <- (buffer * std / factor + update) * factor
     buffer *= std / factor
+    if not np.isfinite(buffer).all():  # std / factor beyond the dtype's range
+        raise UnsafeUpdateError("noise scaled beyond the update's floating-point range; nothing released")
     released, offset = {}, 0
     for key, value in update.items():
         array = _cpu_view(value)
@@ -122,6 +129,8 @@ def gaussian_release(
             offset += array.size
             out += array
             out *= factor
+            if not np.isfinite(out).all():
+                raise UnsafeUpdateError(f"release of {key!r} would not be finite; nothing released")
             out = out.astype(array.dtype, copy=False)
         else:
             out = np.zeros(array.shape, dtype=array.dtype)

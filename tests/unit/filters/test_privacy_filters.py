@@ -92,6 +92,10 @@ def test_error_replies_pass_only_without_data(name, fl_ctx):
     leaky.set_return_code(ReturnCode.EXECUTION_EXCEPTION)
     with pytest.raises(UnsafeUpdateError, match="still carries data"):
         FILTERS[name]().process(leaky, fl_ctx)
+    other_payload = make_reply(ReturnCode.EXECUTION_RESULT_ERROR)
+    other_payload["weights"] = {"w": np.ones(3)}
+    with pytest.raises(UnsafeUpdateError, match="still carries data"):
+        FILTERS[name]().process(other_payload, fl_ctx)
 
 
 @pytest.mark.parametrize("name", FILTERS)
@@ -99,6 +103,20 @@ def test_validation_metrics_pass_a_site_wide_filter(name, fl_ctx):
     metrics = DXO(data_kind=DataKind.METRICS, data={"dice_mean": 0.5}).to_shareable()
     out = from_shareable(FILTERS[name]().process(metrics, fl_ctx))
     assert out.data == {"dice_mean": 0.5}
+
+
+def test_round_comes_from_the_context_when_the_result_has_no_header(fl_ctx, tmp_path):
+    fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 4, private=True, sticky=False)
+    result = DXO(data_kind=DataKind.WEIGHT_DIFF, data=_update()).to_shareable()
+    _gaussian().process(result, fl_ctx)
+    assert json.loads((tmp_path / "local" / LEDGER_FILE_NAME).read_text())["releases"][0]["round"] == 4
+
+
+def test_updates_whose_norm_overflows_are_refused_before_the_budget(fl_ctx, tmp_path):
+    huge = {"w": np.full(4, 1e300, np.float64)}
+    with pytest.raises(UnsafeUpdateError, match="norm overflows"):
+        _gaussian().process(_result(huge), fl_ctx)
+    assert not (tmp_path / "local" / LEDGER_FILE_NAME).exists()
 
 
 def test_internal_errors_block_the_result(fl_ctx, monkeypatch):
@@ -121,6 +139,7 @@ def test_gaussian_filter_reports_epsilon_and_blocks_when_the_budget_is_spent(fl_
     assert second["epsilon_site"] == pytest.approx(second["epsilon_run"])
     assert second["noise_multiplier"] == 2.0 and second["secure_noise"] is False
     assert "l2_norm" not in json.dumps(second)  # the update's norm stays at the site
+    assert [r["round"] for r in json.loads((tmp_path / "local" / LEDGER_FILE_NAME).read_text())["releases"]] == [0, 1]
 
     ledger = tmp_path / "local" / LEDGER_FILE_NAME
     before = ledger.read_text()

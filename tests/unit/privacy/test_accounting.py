@@ -61,7 +61,7 @@ def test_no_release_costs_nothing():
         (lambda: epsilon_spent([(1.0, 1)], 1e-5, "gdp"), "accountant must be one of"),
         (lambda: epsilon_spent([(0.0, 1)], 1e-5), "noise_multiplier must be in"),
         (lambda: noise_multiplier_for(math.nan, 1e-5, 10), "target_epsilon must be a finite"),
-        (lambda: noise_multiplier_for(1.0, 1e-5, 0), "num_rounds must be an int"),
+        (lambda: noise_multiplier_for(1.0, 1e-5, 0), "num_releases must be an int"),
     ],
 )
 def test_bad_arguments_are_refused(call, message):

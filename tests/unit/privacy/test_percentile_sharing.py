@@ -121,3 +121,16 @@ def test_unsafe_updates_are_refused(update, message):
 def test_bad_arguments_are_refused_naming_argument_value_and_range(fraction, gamma, error, message):
     with pytest.raises(error, match=message):
         share_largest_fraction({"w": np.ones(3, np.float32)}, fraction, gamma)
+
+
+@settings(max_examples=40, deadline=None)
+@given(updates, fractions, st.one_of(st.none(), st.floats(0.01, 20)))
+def test_accelerator_path_matches_the_reference(update, fraction, gamma):
+    """The torch-only path (used for tensors on a GPU) run on CPU tensors, against the reference."""
+    from medflare.privacy.percentile_sharing import _share_torch
+
+    tensors = {k: torch.from_numpy(v.copy()) for k, v in update.items()}
+    shared, summary = _share_torch(tensors, fraction, gamma)
+    expected, k = _reference(update, fraction, gamma)
+    assert summary.num_shared == k
+    np.testing.assert_array_equal(_flat({key: v.numpy() for key, v in shared.items()}), expected.astype(np.float32))
