@@ -19,5 +19,8 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(VENV)/bin/python -m pytest tests/unit
 
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/privacy_filters.py
+
 clean:
 	rm -rf workspace .pytest_cache

@@ -61,6 +61,10 @@ class SecureGaussianNoise(GaussianNoiseSource):
 
     cryptographically_secure = True
 
+    def fill(self, out: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:
+        # smaller chunks than the base class: Box-Muller's float64 temporaries are ~32 bytes a sample
+        return super().fill(out, chunk)
+
     def standard_normal(self, size: int, dtype=np.float32) -> np.ndarray:
         half = (size + 1) // 2
         bits = np.frombuffer(os.urandom(16 * half), dtype=np.uint64).reshape(2, half) >> np.uint64(11)

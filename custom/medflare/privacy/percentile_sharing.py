@@ -141,7 +141,8 @@ def _share_numpy(update: Mapping, fraction: float, bound: Optional[float]) -> tu
             bounds.append((k, offset, offset + views[k].size))
             offset += views[k].size
         _parallel(lambda b: np.abs(views[b[0]].reshape(-1), out=magnitudes[b[1] : b[2]]), bounds)
-        threshold = float(np.partition(magnitudes, total - k_shared)[total - k_shared])
+        magnitudes.partition(total - k_shared)  # in place: no second buffer
+        threshold = float(magnitudes[total - k_shared])
         del magnitudes
 
     def select(key):
