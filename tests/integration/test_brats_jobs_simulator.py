@@ -66,6 +66,8 @@ def test_brats_fedavg_runs_in_the_simulator(tmp_path):
     assert [r["round"] for r in records] == [0, 1]
     for record in records:
         assert set(record["sites"]) == {"site-1", "site-2"}
+        assert sorted(record["aggregation"]["accepted"]) == ["site-1", "site-2"]
+        assert record["aggregation"]["rejected"] == {}
         assert all(s["steps"] > 0 and s["train_loss"] > 0 for s in record["sites"].values())
         assert 0.0 <= record["global_model_metrics"]["dice_mean"] <= 1.0
     # the final global models were scored at both sites

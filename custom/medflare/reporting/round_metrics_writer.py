@@ -64,6 +64,7 @@ class RoundMetricsWriter(FLComponent):
         self._round = None
         self._round_start = None
         self._sites: dict[str, dict] = {}
+        self._aggregation = None
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
@@ -73,8 +74,11 @@ class RoundMetricsWriter(FLComponent):
             self._round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
             self._round_start = time.time()
             self._sites = {}
+            self._aggregation = None
         elif event_type == AppEventType.BEFORE_CONTRIBUTION_ACCEPT:
             self._record_contribution(fl_ctx)
+        elif event_type == AppEventType.AFTER_AGGREGATION:
+            self._record_aggregation(fl_ctx)
         elif event_type == AppEventType.ROUND_DONE:
             self._write_round(fl_ctx)
 
@@ -99,6 +103,15 @@ class RoundMetricsWriter(FLComponent):
             "global_model_metrics": metrics if isinstance(metrics, dict) else {},
         }
 
+    def _record_aggregation(self, fl_ctx: FLContext) -> None:
+        """What the aggregator reports about the round (medflare's ValidatedAggregator: accepted
+        and rejected sites with reasons)."""
+        try:
+            dxo = from_shareable(fl_ctx.get_prop(AppConstants.AGGREGATION_RESULT))
+        except Exception:
+            return
+        self._aggregation = dxo.get_meta_prop("medflare_aggregation")
+
     def _write_round(self, fl_ctx: FLContext) -> None:
         if self._path is None:
             return
@@ -106,6 +119,7 @@ class RoundMetricsWriter(FLComponent):
             "round": self._round,
             "round_seconds": time.time() - self._round_start if self._round_start else None,
             "sites": self._sites,
+            "aggregation": self._aggregation,
             "global_model_metrics": weighted_mean_metrics(
                 {s: v["global_model_metrics"] for s, v in self._sites.items()}
             ),
