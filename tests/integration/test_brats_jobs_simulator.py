@@ -28,13 +28,15 @@ def _small_job(tmp_path, name="brats_fedavg"):
     server = json.loads(server_path.read_text())
     client = json.loads(client_path.read_text())
     small = {"init_filters": 8, "blocks_down": [1, 1, 1], "blocks_up": [1, 1]}
-    server["model"]["args"].update(small)
+    model_args = server["model"]["args"] if "model" in server else server["model_args"]
+    model_args.update(small)
     args = client["executors"][0]["executor"]["args"]
     args["model"]["args"].update(small)
     args.update({"local_epochs": 1, "roi_size": [16, 16, 16], "val_roi_size": [32, 32, 32]})
 
     torch.manual_seed(0)
-    initial = build_model(server["model"]).state_dict()
+    spec = server["model"] if "model" in server else {"path": "monai.networks.nets.SegResNet", "args": model_args}
+    initial = build_model(spec).state_dict()
     checkpoint = tmp_path / "initial.pt"
     torch.save(initial, checkpoint)
     persistor = next(c for c in server["components"] if c["id"] == "persistor")
@@ -44,8 +46,9 @@ def _small_job(tmp_path, name="brats_fedavg"):
     return str(job), initial
 
 
-def test_brats_fedavg_runs_in_the_simulator(tmp_path):
-    job, initial = _small_job(tmp_path)
+@pytest.mark.parametrize("name", ["brats_fedavg", "brats_fedyogi"])
+def test_fedavg_jobs_run_in_the_simulator(tmp_path, name):
+    job, initial = _small_job(tmp_path, name)
     lines = []
     result = run_job(
         RunOptions(job_dir=job, sites=2, rounds=2, workspace=str(tmp_path / "ws"), cases=5, size=32, seed=1),

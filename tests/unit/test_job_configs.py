@@ -6,6 +6,7 @@ Variables are resolved with NVFlare's own resolver and components built with NVF
 
 import copy
 import glob
+import importlib
 import json
 import os
 
@@ -41,7 +42,7 @@ def _component_configs(config):
 
     def walk(node):
         if isinstance(node, dict):
-            if isinstance(node.get("path"), str):
+            if isinstance(node.get("path"), str) and node.get("config_type") != "dict":
                 found.append(node)
             for v in node.values():
                 walk(v)
@@ -84,6 +85,26 @@ def test_every_component_instantiates_and_is_allowed(config_path):
         assert built is not None, component["path"]
     for executor in config.get("executors", []):
         assert executor["tasks"], "an executor must name its tasks"
+    for path in _plain_dict_paths(config):  # built later by their owner (e.g. FedOpt's optimizer)
+        module, _, name = path.rpartition(".")
+        assert hasattr(importlib.import_module(module), name), path
+
+
+def _plain_dict_paths(config):
+    paths = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("config_type") == "dict" and isinstance(node.get("path"), str):
+                paths.append(node["path"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(config)
+    return paths
 
 
 @pytest.mark.parametrize("job", sorted({p.split(os.sep)[-4] for p in CONFIGS}))
@@ -99,6 +120,9 @@ def test_server_and_sites_build_the_same_network(job):
         executor = client["executors"][0]["executor"]
         if "model" not in executor["args"]:
             continue
-        server_state = build_model(persistor["args"]["model"]).state_dict()
+        server_model = persistor["args"]["model"]
+        if isinstance(server_model, str):  # a component id
+            server_model = next(c for c in server["components"] if c["id"] == server_model)
+        server_state = build_model(server_model).state_dict()
         client_state = build_model(executor["args"]["model"]).state_dict()
         assert {k: v.shape for k, v in server_state.items()} == {k: v.shape for k, v in client_state.items()}
