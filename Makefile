@@ -21,6 +21,7 @@ test-unit: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/privacy_filters.py
+	$(VENV)/bin/python benchmarks/aggregation.py
 
 clean:
 	rm -rf workspace .pytest_cache

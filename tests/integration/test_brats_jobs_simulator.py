@@ -120,3 +120,29 @@ def test_gaussian_dp_job_reports_epsilon_per_round(tmp_path):
         ledger = os.path.join(result["run_dir"], "simulator", site, "local", "medflare_privacy_ledger.json")
         with open(ledger) as f:
             assert [r["round"] for r in json.load(f)["releases"]] == [0, 1]
+
+
+def _set_sparse(job_dir, sparse):
+    path = os.path.join(job_dir, "app", "config", "config_fed_client.json")
+    with open(path) as f:
+        client = json.load(f)
+    client["task_result_filters"][0]["filters"][0]["args"]["sparse_transport"] = sparse
+    with open(path, "w") as f:
+        json.dump(client, f)
+
+
+def test_sparse_transport_gives_the_dense_global_model(tmp_path):
+    """The same partial-sharing round, sent dense and sent sparse: the global models agree."""
+    models = {}
+    for sparse in (False, True):
+        job, _ = _small_job(tmp_path / f"sparse_{sparse}", "brats_percentile")
+        _set_sparse(job, sparse)
+        result = run_job(
+            RunOptions(job_dir=job, sites=2, rounds=1, workspace=str(tmp_path / f"ws_{sparse}"), cases=5, size=32, seed=1, threads=1),
+            log=lambda m: None,
+        )
+        assert all(s["privacy"]["medflare_percentile_sharing"]["sparse"] is sparse for s in result["records"][0]["sites"].values())
+        saved = torch.load(os.path.join(result["server_run_dir"], "app_server", "FL_global_model.pt"), map_location="cpu", weights_only=False)
+        models[sparse] = saved.get("model", saved)
+    for key in models[False]:
+        torch.testing.assert_close(torch.as_tensor(models[True][key]), torch.as_tensor(models[False][key]), rtol=1e-5, atol=1e-7)

@@ -2,7 +2,9 @@
 
 It plugs into ``ScatterAndGather`` as its ``aggregator`` component. Each site's result is
 checked completely first (return code, round, the same site twice, data kind, weight, keys,
-shapes, dtypes, finiteness, optional norm bound, see :mod:`.contribution_checks`); a refused
+shapes, dtypes, finiteness, optional norm bound, see :mod:`.contribution_checks`); partial
+updates sent sparse (:mod:`medflare.transport.sparse_update`) are restored first, and the
+entries they carried are what ``sharer_mean`` averages over; a refused
 contribution is logged with the site and the reason and nothing of it is used; the round goes
 on with the others. Accepted contributions are combined by the chosen estimator
 (:mod:`.estimators`).
@@ -26,6 +28,7 @@ from nvflare.app_common.app_constant import AppConstants
 from medflare.aggregators.contribution_checks import ContributionRejected, check_contribution, model_spec
 from medflare.aggregators.estimators import ESTIMATORS, combine
 from medflare.privacy.argument_checks import check_real
+from medflare.transport.sparse_update import SparseTensor, decode_sparse, kept_masks, register_sparse_decomposers
 
 __all__ = ["ValidatedAggregator", "AGGREGATION_META_KEY"]
 
@@ -73,6 +76,7 @@ class ValidatedAggregator(Aggregator):
         self.max_update_norm = max_update_norm
         self.estimator = estimator
         self.trim_fraction = trim_fraction
+        register_sparse_decomposers()  # so that sparse partial updates can be received
         self._accepted: list[tuple[str, dict, float, Optional[dict]]] = []
         self._rejected: dict[str, str] = {}
         self._spec = None
@@ -115,12 +119,27 @@ class ValidatedAggregator(Aggregator):
             raise ContributionRejected(f"data kind {kind}, expected {self.expected_data_kind}")
         weight = self._weight(dxo)
         spec = self._model_spec(fl_ctx, dxo.data)
-        check_contribution(dxo.data, spec, self.max_update_norm)
+        data, sent = self._restored(dxo.data, spec)
+        check_contribution(data, spec, self.max_update_norm)
         masks = None
         if self.estimator == "sharer_mean":
-            shared = dxo.get_meta_prop(_SHARING_META_KEY)
-            masks = {k: (v != 0) if shared else np.ones(v.shape, bool) for k, v in dxo.data.items()}
-        return dxo.data, weight, masks
+            if sent is None and dxo.get_meta_prop(_SHARING_META_KEY):
+                sent = {k: v != 0 for k, v in data.items()}  # dense partial update: zeros were withheld
+            masks = sent or {k: np.ones(v.shape, bool) for k, v in data.items()}
+        return data, weight, masks
+
+    @staticmethod
+    def _restored(data, spec):
+        """Dense arrays from a sparse payload (and which entries were sent), or the data as is."""
+        if not isinstance(data, dict) or not any(isinstance(v, SparseTensor) for v in data.values()):
+            return data, None
+        if not all(isinstance(v, SparseTensor) for v in data.values()):
+            raise ContributionRejected("mixes sparse and dense entries")
+        expected = {k: shape for k, (shape, _) in spec.items() if k in data}
+        try:
+            return decode_sparse(data, expected_shapes=expected), kept_masks(data, expected_shapes=expected)
+        except ValueError as e:
+            raise ContributionRejected(f"malformed sparse payload: {e}") from None
 
     def _weight(self, dxo: DXO) -> float:
         weight = dxo.get_meta_prop(self.weight_meta_key)
@@ -140,6 +159,8 @@ class ValidatedAggregator(Aggregator):
                 self._spec = model_spec(weights)
             elif self._accepted:
                 self._spec = model_spec(self._accepted[0][1])
+            elif all(isinstance(v, SparseTensor) for v in data.values()):
+                return {k: (tuple(v.shape), v.dtype) for k, v in data.items()}
             else:
                 # no global model to compare with: the first contribution sets the layout
                 return model_spec(data)

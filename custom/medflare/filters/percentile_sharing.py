@@ -11,6 +11,7 @@ from nvflare.apis.shareable import Shareable
 
 from medflare.filters.fail_closed_filter import FailClosedDXOFilter
 from medflare.privacy.percentile_sharing import check_sharing_arguments, share_largest_fraction
+from medflare.transport.sparse_update import encode_sparse, register_sparse_decomposers
 
 __all__ = ["PercentileSharingFilter", "SHARING_META_KEY"]
 
@@ -25,16 +26,30 @@ class PercentileSharingFilter(FailClosedDXOFilter):
         gamma: bound on each shared value, in (0, inf); null shares values unclipped.
         passthrough_data_kinds: result kinds without model parameters let through unchanged
             (default ``["METRICS"]``, so validation results pass a site-wide filter).
+        sparse_transport: send only the kept entries (values plus indices or a bitmask, see
+            :mod:`medflare.transport.sparse_update`) instead of a dense array with zeros. The
+            server's aggregator must be medflare's ``ValidatedAggregator``, which restores them.
 
     Raises:
         ValueError, TypeError: when the job is built, for an out-of-range or wrongly typed argument.
     """
 
-    def __init__(self, fraction_shared: float, gamma: Optional[float], passthrough_data_kinds: Optional[list] = None):
+    def __init__(
+        self,
+        fraction_shared: float,
+        gamma: Optional[float],
+        passthrough_data_kinds: Optional[list] = None,
+        sparse_transport: bool = False,
+    ):
         super().__init__([DataKind.WEIGHT_DIFF], passthrough_data_kinds)
         check_sharing_arguments(fraction_shared, gamma)
+        if not isinstance(sparse_transport, bool):
+            raise TypeError(f"sparse_transport must be true or false, got {sparse_transport!r}")
         self.fraction_shared = fraction_shared
         self.gamma = gamma
+        self.sparse_transport = sparse_transport
+        if sparse_transport:
+            register_sparse_decomposers()
 
     def filter_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
         shared, summary = share_largest_fraction(dxo.data, self.fraction_shared, self.gamma)
@@ -44,6 +59,9 @@ class PercentileSharingFilter(FailClosedDXOFilter):
             "gamma": self.gamma,
             "num_shared": summary.num_shared,
             "num_total": summary.num_total,
+            "sparse": self.sparse_transport,
         }
+        if self.sparse_transport:
+            shared = encode_sparse(shared)
         self.log_info(fl_ctx, f"shared {summary.num_shared} of {summary.num_total} entries (gamma {self.gamma})")
         return DXO(data_kind=dxo.data_kind, data=shared, meta=meta)

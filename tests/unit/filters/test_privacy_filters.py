@@ -213,7 +213,13 @@ def test_bad_percentile_configuration_is_refused_when_built(kwargs, error, messa
 
 def test_percentile_filter_reports_what_it_shared(fl_ctx):
     out = from_shareable(PercentileSharingFilter(0.25, None).process(_result(), fl_ctx))
-    assert out.get_meta_prop(SHARING_META_KEY) == {"fraction_shared": 0.25, "gamma": None, "num_shared": 3, "num_total": 12}
+    assert out.get_meta_prop(SHARING_META_KEY) == {
+        "fraction_shared": 0.25,
+        "gamma": None,
+        "num_shared": 3,
+        "num_total": 12,
+        "sparse": False,
+    }
     assert np.count_nonzero(out.data["conv.weight"]) == 3
 
 
