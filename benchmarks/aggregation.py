@@ -459,6 +459,47 @@ def print_summary(checks: list[Check]) -> None:
 # --- main -------------------------------------------------------------------------------------
 
 
+# --- bytes on the wire -------------------------------------------------------------------------
+
+SHARED_FRACTIONS = (0.1, 0.4)
+BYTE_TARGETS = {0.1: 0.15, 0.4: 0.50}  # sparse bytes at most this share of the dense bytes
+
+
+def wire_bytes(shapes: Shapes) -> list[dict]:
+    """Serialized size of one site's partially shared update per round, dense against sparse,
+    measured on what NVFlare sends: ``fobs.dumps`` of the filtered result."""
+    from nvflare.apis.dxo import DXO, DataKind
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.app_common.decomposers import common_decomposers
+
+    from medflare.filters.percentile_sharing import PercentileSharingFilter
+    from medflare.transport.sparse_update import serialized_size
+
+    common_decomposers.register()
+    _, update, steps = make_sites(shapes, 1)[0]
+    rows = []
+    for fraction in SHARED_FRACTIONS:
+        sizes = {}
+        for sparse in (False, True):
+            sent = PercentileSharingFilter(fraction, None, sparse_transport=sparse).process(
+                DXO(DataKind.WEIGHT_DIFF, data=update, meta={"NUM_STEPS_CURRENT_ROUND": steps}).to_shareable(), FLContext()
+            )
+            sizes[sparse] = serialized_size(sent)
+        ratio = sizes[True] / sizes[False]
+        rows.append({"fraction_shared": fraction, "dense_bytes": sizes[False], "sparse_bytes": sizes[True],
+                     "ratio": ratio, "target": BYTE_TARGETS[fraction], "passed": ratio <= BYTE_TARGETS[fraction]})
+    return rows
+
+
+def print_wire_bytes(size: str, rows: list[dict]) -> None:
+    print(f"\n== bytes per site per round on the wire, {size} (fobs.dumps of the filtered result) ==")
+    print(f"{'shared':>7} {'dense bytes':>14} {'sparse bytes':>14} {'sparse/dense':>13}  target")
+    for r in rows:
+        mark = "PASS" if r["passed"] else "FAIL"
+        print(f"{r['fraction_shared']:>7.0%} {r['dense_bytes']:>14,} {r['sparse_bytes']:>14,} {r['ratio']:>13.3f}  "
+              f"[{mark}] <= {r['target']:.2f}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -496,6 +537,10 @@ def main(argv=None) -> int:
         del all_sites
 
     print_summary(checks)
+    wire = {}
+    for size in dict.fromkeys(size for size, _ in configs):
+        wire[size] = wire_bytes(segresnet_shapes(SIZES[size]))
+        print_wire_bytes(size, wire[size])
     elapsed = time.perf_counter() - started
     env["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"load average at end (1, 5, 15 min): {_load(env['load_average_end'])}")
@@ -510,12 +555,14 @@ def main(argv=None) -> int:
             "configs": [asdict(i) for i in infos],
             "rows": [asdict(r) for r in rows],
             "checks": [asdict(c) for c in checks],
+            "wire_bytes": wire,
             "total_seconds": elapsed,
         }
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)
         print(f"results written to {args.json}")
-    return 0 if all(c.passed for c in checks) else 1
+    wire_ok = all(r["passed"] for rows in wire.values() for r in rows)
+    return 0 if all(c.passed for c in checks) and wire_ok else 1
 
 
 if __name__ == "__main__":
