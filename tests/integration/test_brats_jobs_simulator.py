@@ -35,7 +35,7 @@ def _small_job(tmp_path, name="brats_fedavg"):
     args.update({"local_epochs": 1, "roi_size": [16, 16, 16], "val_roi_size": [32, 32, 32]})
 
     torch.manual_seed(0)
-    spec = server["model"] if "model" in server else {"path": "monai.networks.nets.SegResNet", "args": model_args}
+    spec = server["model"] if "model" in server else {"path": "medflare.training.seeded_networks.SeededSegResNet", "args": model_args}
     initial = build_model(spec).state_dict()
     checkpoint = tmp_path / "initial.pt"
     torch.save(initial, checkpoint)
