@@ -187,7 +187,8 @@ class ValidatedAggregator(Aggregator):
             else:
                 unchanged = {k: np.zeros(np.shape(v), dtype=np.asarray(v).dtype) for k, v in weights.items()}
             return DXO(data_kind=self.expected_data_kind, data=unchanged, meta=meta).to_shareable()
-        sites, updates, weights, masks = zip(*self._accepted)
+        # combined in site order, not arrival order: the same contributions give the same bits
+        sites, updates, weights, masks = zip(*sorted(self._accepted, key=lambda c: c[0]))
         combined = combine(list(updates), list(weights), self.estimator, list(masks), self.trim_fraction)
         meta[MetaKey.NUM_STEPS_CURRENT_ROUND] = sum(weights)
         self.log_info(
