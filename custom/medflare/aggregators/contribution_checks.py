@@ -13,6 +13,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from medflare.privacy.update_checks import all_finite
+
 __all__ = ["ContributionRejected", "ModelSpec", "model_spec", "check_contribution"]
 
 #: name -> (shape, dtype string)
@@ -61,7 +63,7 @@ def check_contribution(update: Mapping, spec: ModelSpec, max_norm: Optional[floa
         if model_float != np.issubdtype(value.dtype, np.floating) or (not model_float and str(value.dtype) != dtype):
             raise ContributionRejected(f"{key!r} has dtype {value.dtype}, the model has {dtype}")
         if model_float and value.size:
-            if not (np.isfinite(value.min()) and np.isfinite(value.max())):
+            if not all_finite(value):
                 raise ContributionRejected(f"{key!r} holds NaN or infinite values")
             if max_norm is not None:
                 flat = value.reshape(-1)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from medflare.data.brats_layout import MODALITIES, make_datalist, write_data_config
+from medflare.data.brats_layout import MODALITIES, find_brats_subjects, make_datalist, write_data_config
 from medflare.data.mni_anatomy import TissueMaps, load_tissue_maps
 
 __all__ = [
@@ -260,7 +260,8 @@ def write_site(
     tissue = load_tissue_maps(size)
     site_dir = os.path.join(out_dir, profile.name)
     os.makedirs(site_dir, exist_ok=True)
-    site_index = int(profile.name.rsplit("-", 1)[-1]) if profile.name.rsplit("-", 1)[-1].isdigit() else 0
+    suffix = profile.name.rsplit("-", 1)[-1]
+    site_index = int(suffix) if suffix.isdigit() else 0
     subjects = []
     for case in range(profile.num_cases):
         subject_id = f"MedflareSyn_{profile.name}_{case:03d}"
@@ -276,8 +277,6 @@ def write_site(
             )
         _save_nifti(os.path.join(subject_dir, f"{subject_id}_seg.nii.gz"), labels, tissue.spacing_mm, "uint8")
         subjects.append(subject_dir)
-
-    from medflare.data.brats_layout import find_brats_subjects
 
     datalist = make_datalist(find_brats_subjects(site_dir), base_dir=site_dir, val_fraction=val_fraction, seed=seed)
     datalist["generator"] = generator_signature(profile, size, seed, val_fraction)

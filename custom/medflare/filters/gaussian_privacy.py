@@ -112,13 +112,14 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
 
     def filter_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
         check_update(dxo.data)  # NaN, inf, empty: refused before the budget is touched
-        if not math.isfinite(l2_norm(dxo.data)):
+        norm = l2_norm(dxo.data)
+        if not math.isfinite(norm):
             raise UnsafeUpdateError("update norm overflows; nothing released")
         z = self.effective_noise_multiplier
         ledger = self._ledger(fl_ctx)
         round_number = shareable.get_header(AppConstants.CURRENT_ROUND, fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
         _, site_epsilon = ledger.reserve(z, job_id=fl_ctx.get_job_id() or "", round_number=round_number, source=type(self).__name__)
-        released, info = gaussian_release(dxo.data, self.clipping_norm, z, self._noise)
+        released, info = gaussian_release(dxo.data, self.clipping_norm, z, self._noise, norm=norm)
         self._releases_this_run += 1
         round_epsilon = epsilon_spent([(z, 1)], self.target_delta, self.accountant)
         run_epsilon = epsilon_spent([(z, self._releases_this_run)], self.target_delta, self.accountant)

@@ -47,13 +47,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Optional
 
 import numpy as np
 
 from medflare.privacy.argument_checks import check_real
 from medflare.privacy.noise_sources import GaussianNoiseSource
-from medflare.privacy.update_checks import UnsafeUpdateError, check_update, is_floating
+from medflare.privacy.update_checks import UnsafeUpdateError, all_finite, as_numpy, check_update, is_floating, like_input
 
 __all__ = ["GaussianRelease", "l2_norm", "gaussian_release"]
 
@@ -73,30 +73,32 @@ class GaussianRelease:
     noise_std: float
 
 
-def _cpu_view(value) -> np.ndarray:
-    return value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
-
-
 def l2_norm(update: Mapping) -> float:
     """L2 norm of all floating-point entries together, accumulated in float64."""
     total = 0.0
     with np.errstate(over="ignore"):  # an overflowing norm is returned as inf and refused by the caller
         for value in update.values():
             if is_floating(value):
-                flat = _cpu_view(value).reshape(-1)
-                for start in range(0, flat.size, 1 << 20):
-                    chunk = flat[start : start + (1 << 20)].astype(np.float64)
-                    total += float(np.dot(chunk, chunk))
+                flat = as_numpy(value).reshape(-1)
+                # buffered float64 accumulation: no copy of the tensor, no BLAS threads
+                total += float(np.einsum("i,i->", flat, flat, dtype=np.float64))
     return math.sqrt(total)
 
 
 def gaussian_release(
-    update: Mapping, clipping_norm: float, noise_multiplier: float, noise: GaussianNoiseSource
+    update: Mapping,
+    clipping_norm: float,
+    noise_multiplier: float,
+    noise: GaussianNoiseSource,
+    norm: Optional[float] = None,
 ) -> tuple[dict, GaussianRelease]:
     """Clip ``update`` to L2 norm ``clipping_norm`` and add N(0, (noise_multiplier * clipping_norm)^2).
 
     The caller's arrays are not modified. Peak extra memory is about one update (the output
     buffer, which the noise is drawn into) plus one chunk of the noise source.
+
+    ``norm`` is :func:`l2_norm` of ``update`` when the caller has already computed it (the
+    filter does, to refuse an overflowing update before touching the budget).
 
     Raises:
         UnsafeUpdateError: malformed, empty or non-finite update, an update whose norm overflows,
@@ -106,41 +108,34 @@ def gaussian_release(
     clip = check_real("clipping_norm", clipping_norm, 0.0, None, low_open=True)
     z = check_real("noise_multiplier", noise_multiplier, 0.0, None, low_open=True)
     check_update(update)
-    norm = l2_norm(update)
+    norm = l2_norm(update) if norm is None else norm
     if not math.isfinite(norm):
         raise UnsafeUpdateError(f"update norm overflows ({norm}); nothing released")
     factor = 1.0 if norm <= clip else clip / norm
     std = z * clip
 
     floats = [k for k, v in update.items() if is_floating(v)]
-    dtype = np.float64 if any(_cpu_view(update[k]).dtype == np.float64 for k in floats) else np.float32
-    total = sum(_cpu_view(update[k]).size for k in floats)
+    arrays = {k: as_numpy(v) for k, v in update.items()}
+    dtype = np.float64 if any(arrays[k].dtype == np.float64 for k in floats) else np.float32
+    total = sum(arrays[k].size for k in floats)
     buffer = noise.fill(np.empty(total, dtype=dtype))
     # out = factor * update + std * noise, computed in place in the noise buffer:
     # buffer <- (buffer * std / factor + update) * factor
     buffer *= std / factor
-    if not np.isfinite(buffer).all():  # std / factor beyond the dtype's range
+    if not all_finite(buffer):  # std / factor beyond the dtype's range
         raise UnsafeUpdateError("noise scaled beyond the update's floating-point range; nothing released")
     released, offset = {}, 0
     for key, value in update.items():
-        array = _cpu_view(value)
+        array = arrays[key]
         if key in floats:
             out = buffer[offset : offset + array.size].reshape(array.shape)
             offset += array.size
             out += array
             out *= factor
-            if not np.isfinite(out).all():
+            if not all_finite(out):
                 raise UnsafeUpdateError(f"release of {key!r} would not be finite; nothing released")
             out = out.astype(array.dtype, copy=False)
         else:
             out = np.zeros(array.shape, dtype=array.dtype)
-        released[key] = _like_input(out, value)
+        released[key] = like_input(out, value)
     return released, GaussianRelease(l2_norm=norm, clip_factor=factor, noise_std=std)
-
-
-def _like_input(array: np.ndarray, original):
-    if isinstance(original, np.ndarray):
-        return array
-    import torch
-
-    return torch.from_numpy(array).to(original.device)

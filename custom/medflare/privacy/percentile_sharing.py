@@ -37,7 +37,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from medflare.privacy.argument_checks import check_real
-from medflare.privacy.update_checks import check_update, is_floating, numel
+from medflare.privacy.update_checks import as_numpy, check_update, is_floating, like_input, numel
 
 __all__ = ["SharingSummary", "share_largest_fraction", "check_sharing_arguments"]
 
@@ -66,19 +66,6 @@ def check_sharing_arguments(fraction_shared, gamma) -> tuple[float, Optional[flo
 
 def _is_cpu(value) -> bool:
     return isinstance(value, np.ndarray) or value.device.type == "cpu"
-
-
-def _to_numpy(value) -> np.ndarray:
-    """A read-only view of the data (no copy for numpy arrays and CPU tensors)."""
-    return value if isinstance(value, np.ndarray) else value.detach().numpy()
-
-
-def _like_input(array: np.ndarray, original):
-    if isinstance(original, np.ndarray):
-        return array
-    import torch
-
-    return torch.from_numpy(array)
 
 
 def share_largest_fraction(update: Mapping, fraction_shared: float, gamma: Optional[float]) -> tuple[dict, SharingSummary]:
@@ -123,7 +110,7 @@ def _parallel(function, items: list) -> list:
 
 
 def _share_numpy(update: Mapping, fraction: float, bound: Optional[float]) -> tuple[dict, SharingSummary]:
-    views = {k: _to_numpy(v) for k, v in update.items()}
+    views = {k: as_numpy(v) for k, v in update.items()}
     floats = [k for k, v in update.items() if is_floating(v)]
     total = sum(views[k].size for k in floats)
     k_shared = _select_count(total, fraction)
@@ -176,7 +163,7 @@ def _share_numpy(update: Mapping, fraction: float, bound: Optional[float]) -> tu
         return out
 
     keys = list(update)
-    shared = {key: _like_input(out, update[key]) for key, out in zip(keys, _parallel(release, keys))}
+    shared = {key: like_input(out, update[key]) for key, out in zip(keys, _parallel(release, keys))}
     return shared, SharingSummary(num_shared=k_shared, num_total=total, threshold=float(threshold))
 
 

@@ -11,7 +11,7 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["UnsafeUpdateError", "check_update", "is_floating", "numel"]
+__all__ = ["UnsafeUpdateError", "check_update", "is_floating", "numel", "all_finite", "as_numpy", "like_input"]
 
 
 class UnsafeUpdateError(ValueError):
@@ -37,7 +37,7 @@ def numel(value) -> int:
     return int(value.size) if isinstance(value, np.ndarray) else int(value.numel())
 
 
-def _all_finite(value) -> bool:
+def all_finite(value) -> bool:
     """True when no entry is NaN or infinite: min and max propagate NaN and show inf, and two
     reductions cost less than a mask of the whole tensor."""
     if numel(value) == 0:
@@ -47,6 +47,20 @@ def _all_finite(value) -> bool:
         return bool(np.isfinite(array.min()) and np.isfinite(array.max()))
     low, high = value.detach().aminmax()
     return bool(low.isfinite() and high.isfinite())
+
+
+def as_numpy(value) -> np.ndarray:
+    """The entry as a numpy array: no copy for arrays and CPU tensors (treat it as read-only)."""
+    return value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
+
+
+def like_input(array: np.ndarray, original):
+    """``array`` in the type of ``original``: a numpy array, or a tensor on ``original``'s device."""
+    if isinstance(original, np.ndarray):
+        return array
+    import torch
+
+    return torch.from_numpy(array).to(original.device)
 
 
 def check_update(update, require_float: bool = True) -> None:
@@ -66,7 +80,7 @@ def check_update(update, require_float: bool = True) -> None:
         if not isinstance(value, np.ndarray) and not _is_tensor(value):
             raise UnsafeUpdateError(f"update entry {key!r} is {type(value).__name__}, not a numpy array or torch tensor")
         if is_floating(value):
-            if not _all_finite(value):
+            if not all_finite(value):
                 raise UnsafeUpdateError(f"update entry {key!r} holds NaN or infinite values")
             total += numel(value)
     if require_float and total == 0:
