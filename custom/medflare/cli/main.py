@@ -3,6 +3,7 @@
     medflare data brats --out DIR [--sites N] [--cases C] [--size S] [--seed K]
     medflare run JOB_DIR [--sites N] [--rounds R] [--workspace DIR] [--data DIR] ...
     medflare budget show --workspace SITE_DIR [--delta D] [--accountant rdp|prv]
+    medflare site profiles | install --workspace DIR [--profile P --data D] | show --workspace DIR
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Optional, Sequence
+
+from medflare.cli.site import add_site_parser
 
 __all__ = ["main", "build_parser"]
 
@@ -48,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--workspace", required=True, help="the FLARE client's workspace folder (or the ledger file)")
     show.add_argument("--delta", type=float, default=None, help="delta to compute epsilon at (default: the ledger's)")
     show.add_argument("--accountant", choices=["rdp", "prv"], default=None)
+    add_site_parser(sub)
     return parser
 
 
@@ -94,10 +98,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from medflare.data.brats_layout import DataListError
 
     args = build_parser().parse_args(argv)
-    handlers = {"data": _data_brats, "run": _run, "budget": _budget}
+    from medflare.cli.site import run_site_command
+    from medflare.sites.site_install import InstallError
+
+    handlers = {"data": _data_brats, "run": _run, "budget": _budget, "site": run_site_command}
     try:
         return handlers[args.command](args)
-    except (JobRunError, DataListError, ValueError) as e:
+    except (JobRunError, DataListError, InstallError, ValueError) as e:
         print(f"medflare {args.command}: error: {e}", file=sys.stderr)
         return 2
 

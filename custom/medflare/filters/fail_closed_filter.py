@@ -10,6 +10,10 @@ A site's ``privacy.json`` filters see every task's result, validation metrics in
 kinds that carry no model parameters can be let through by name (``passthrough_data_kinds``,
 ``["METRICS"]`` by default); model kinds (``WEIGHTS``, ``WEIGHT_DIFF``, ``COLLECTION``) never can.
 
+Every filter that releases a result appends ``{"filter": class name, "source": "site" | "job"}``
+to the DXO meta under ``medflare_filters_applied`` (NVFlare tags each filter with where it was
+configured), so the server, and the run's metrics, show which filters a site's policy added.
+
 A subclass implements :meth:`filter_dxo` and returns a new DXO; it never returns its input.
 """
 
@@ -18,14 +22,18 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from nvflare.apis.dxo import DXO, from_shareable
-from nvflare.apis.filter import Filter
+from nvflare.apis.filter import Filter, FilterContextKey
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 
 from medflare.privacy.update_checks import UnsafeUpdateError
 
-__all__ = ["FailClosedDXOFilter"]
+__all__ = ["APPLIED_META_KEY", "FailClosedDXOFilter"]
+
+#: DXO meta key listing, in order, every medflare filter applied to a result and whether it came
+#: from the site's privacy policy (``"site"``) or from the job (``"job"``); it travels to the server.
+APPLIED_META_KEY = "medflare_filters_applied"
 
 #: Data kinds that carry no model parameters; only these may be passed through.
 _NON_MODEL_KINDS = ("METRICS", "ANALYTIC", "STATISTICS")
@@ -96,6 +104,9 @@ class FailClosedDXOFilter(Filter):
         if not isinstance(filtered, DXO) or filtered is dxo or filtered.data is dxo.data:
             self._refuse(fl_ctx, f"{name}: filter produced no new DXO; nothing released")
         filtered.add_filter_history(name)
+        applied = list(filtered.get_meta_prop(APPLIED_META_KEY) or [])
+        applied.append({"filter": name, "source": self.get_prop(FilterContextKey.SOURCE, "unknown")})
+        filtered.set_meta_prop(APPLIED_META_KEY, applied)
         return filtered.update_shareable(shareable)
 
     def _refuse(self, fl_ctx: FLContext, message: str):

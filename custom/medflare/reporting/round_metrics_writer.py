@@ -27,6 +27,8 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 
+from medflare.filters.fail_closed_filter import APPLIED_META_KEY
+
 __all__ = ["RoundMetricsWriter", "METRICS_FILE_NAME", "weighted_mean_metrics"]
 
 METRICS_FILE_NAME = "medflare_metrics.jsonl"
@@ -95,6 +97,7 @@ class RoundMetricsWriter(FLComponent):
         privacy = {k: v for k, v in dxo.meta.items() if k.startswith("medflare_") and isinstance(v, dict)}
         self._sites[site] = {
             "filter_history": dxo.get_meta_prop(MetaKey.FILTER_HISTORY) or [],
+            "filters_applied": dxo.get_meta_prop(APPLIED_META_KEY) or [],
             "privacy": privacy,
             "train_loss": dxo.get_meta_prop("train_loss"),
             "steps": dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND),

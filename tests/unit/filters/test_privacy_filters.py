@@ -223,17 +223,36 @@ def test_percentile_filter_reports_what_it_shared(fl_ctx):
     assert np.count_nonzero(out.data["conv.weight"]) == 3
 
 
-def test_site_privacy_template_builds_every_filter(tmp_path):
+@pytest.mark.parametrize("profile", ["research", "clinical"])
+def test_site_profiles_build_every_filter_with_nvflares_builder(profile):
     from tests.unit.test_job_configs import _Builder
 
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "site_configs", "privacy.json")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "site_configs", profile, "privacy.json")
     with open(path) as f:
         policy = json.load(f)
-    names = [s["name"] for s in policy["scopes"]]
-    assert policy["default_scope"] == "strict" and {"strict", "partial_sharing", "no_filter"} <= set(names)
+    assert policy["default_scope"] in [s["name"] for s in policy["scopes"]]
     for scope in policy["scopes"]:
         for component in scope["task_result_filters"] + scope["task_data_filters"]:
             assert _Builder().build_component(dict(component)) is not None
-    strict = next(s for s in policy["scopes"] if s["name"] == "strict")
-    assert strict["task_result_filters"][0]["path"].endswith("GaussianPrivacyFilter")
-    assert strict["task_result_filters"][0]["args"]["max_epsilon"] > 0
+
+
+def test_filters_record_in_order_where_they_were_configured(fl_ctx):
+    """NVFlare tags site-policy filters ``source = "site"`` and job filters ``"job"``; the record
+    travels in the DXO meta, so the server can tell which filters a site's policy added."""
+    from nvflare.apis.filter import FilterContextKey, FilterSource
+
+    from medflare.filters.fail_closed_filter import APPLIED_META_KEY
+
+    site_filter = _gaussian()
+    site_filter.set_prop(FilterContextKey.SOURCE, FilterSource.SITE)
+    job_filter = PercentileSharingFilter(fraction_shared=0.5, gamma=None)
+    job_filter.set_prop(FilterContextKey.SOURCE, FilterSource.JOB)
+    out = from_shareable(job_filter.process(site_filter.process(_result(), fl_ctx), fl_ctx))
+    assert out.get_meta_prop(APPLIED_META_KEY) == [
+        {"filter": "GaussianPrivacyFilter", "source": "site"},
+        {"filter": "PercentileSharingFilter", "source": "job"},
+    ]
+    assert out.get_filter_history() == ["GaussianPrivacyFilter", "PercentileSharingFilter"]
+    # a filter built outside NVFlare's chains says so rather than guessing
+    untagged = from_shareable(PercentileSharingFilter(fraction_shared=0.5, gamma=0.5).process(_result(), fl_ctx))
+    assert untagged.get_meta_prop(APPLIED_META_KEY) == [{"filter": "PercentileSharingFilter", "source": "unknown"}]

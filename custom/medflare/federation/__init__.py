@@ -1,0 +1,1 @@
+"""Running a real federation: NVFlare POC mode on this machine."""

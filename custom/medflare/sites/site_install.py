@@ -1,0 +1,355 @@
+"""``medflare site install``: put a site profile and the site's data location into a FLARE workspace.
+
+Into a **client** workspace (one with ``startup/fed_client.json``) it installs, under ``local/``:
+
+* ``privacy.json``: the profile's policy, verbatim;
+* ``resources.json``: the workspace's current file (or NVFlare's ``resources.json.default``)
+  with the profile's settings merged in, the GPU resource manager sized to this machine, and
+  the class allow-list extended by medflare's entries;
+* ``medflare_data.json``: where the site's datalist and images are (absolute paths);
+* ``medflare_site.json``: what was installed, from which profile, with each file's SHA-256,
+  so ``medflare site show`` can tell a hand edit from the installed policy.
+
+Into the **server** workspace (``startup/fed_server.json``) it installs only the class allow-list:
+the server builds medflare's aggregators and persistor, and has no privacy policy or data.
+
+Nothing is written until every file has been built and checked: the profile's filters are
+built from their arguments, the datalist is read and every image in it must exist, and the
+staged policy is loaded by NVFlare's own privacy configurator. Files are then swapped in one at
+a time with the previous versions kept in ``local/medflare_backup/<time>/``; if any swap fails
+the earlier ones are rolled back, so a site never runs with half a profile. The FLARE client
+reads ``privacy.json`` and ``resources.json`` when it starts: restart it after installing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from medflare.data.brats_layout import DataListError, load_datalist, read_json_object
+from medflare.data.site_data_config import LOCAL_FILE_NAME as DATA_CONFIG_FILE
+from medflare.sites.class_allow_list import site_class_allow_list
+from medflare.sites.site_profiles import AUTO, SiteProfile, SiteProfileError, resolve_profile
+
+__all__ = [
+    "DATA_CONFIG_FILE",
+    "InstallError",
+    "InstallPlan",
+    "MANIFEST_FILE",
+    "apply_install",
+    "detect_gpus",
+    "install_site",
+    "plan_install",
+    "read_manifest",
+    "workspace_role",
+]
+
+MANIFEST_FILE = "medflare_site.json"
+BACKUP_DIR = "medflare_backup"
+GPU_MANAGER = "nvflare.app_common.resource_managers.gpu_resource_manager.GPUResourceManager"
+
+
+class InstallError(RuntimeError):
+    """The install was refused or could not complete; the workspace is as it was."""
+
+
+@dataclass
+class InstallPlan:
+    """Everything to be written, checked, not yet written."""
+
+    workspace: str
+    role: str
+    files: dict = field(default_factory=dict)  # name under local/ -> text
+    summary: list = field(default_factory=list)
+
+
+def workspace_role(workspace: str) -> str:
+    """``"client"`` or ``"server"`` from the workspace's startup kit.
+
+    Raises:
+        InstallError: the folder is missing or is not a provisioned FLARE client or server.
+    """
+    if not os.path.isdir(workspace):
+        raise InstallError(f"workspace not found: {workspace}")
+    startup = os.path.join(workspace, "startup")
+    if os.path.isfile(os.path.join(startup, "fed_client.json")):
+        return "client"
+    if os.path.isfile(os.path.join(startup, "fed_server.json")):
+        return "server"
+    raise InstallError(
+        f"{workspace} is not a FLARE client or server workspace: no startup/fed_client.json or "
+        "startup/fed_server.json (give the folder of a provisioned startup kit)"
+    )
+
+
+def detect_gpus() -> tuple[int, int]:
+    """``(number of CUDA GPUs, GiB of the smallest)``; ``(0, 0)`` without CUDA."""
+    try:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            return 0, 0
+        smallest = min(torch.cuda.get_device_properties(i).total_memory for i in range(count))
+        return count, int(smallest // 2**30)
+    except Exception:  # noqa: BLE001 - a broken driver means no usable GPU
+        return 0, 0
+
+
+def _current_resources(local_dir: str) -> dict:
+    for name in ("resources.json", "resources.json.default"):
+        path = os.path.join(local_dir, name)
+        if os.path.isfile(path):
+            try:
+                return read_json_object(path, "site resources")
+            except DataListError as e:
+                raise InstallError(str(e)) from None
+    return {"format_version": 2}
+
+
+def _merge_resources(current: dict, profile: Optional[SiteProfile], gpus: Optional[int], gpu_mem: Optional[float]) -> tuple[dict, list]:
+    merged = json.loads(json.dumps(current))
+    notes = []
+    if profile is not None:
+        fragment = profile.resources
+        for key, value in fragment.items():
+            if key != "components":
+                merged[key] = value
+        by_id = {c.get("id"): i for i, c in enumerate(merged.get("components", []))}
+        components = list(merged.get("components", []))
+        for c in fragment.get("components", []):
+            c = json.loads(json.dumps(c))
+            if c["id"] in by_id:
+                components[by_id[c["id"]]] = c
+            else:
+                components.append(c)
+        merged["components"] = components
+    detected = None
+    for c in merged.get("components", []):
+        if c.get("path") != GPU_MANAGER:
+            continue
+        args = c.setdefault("args", {})
+        for key, given in (("num_of_gpus", gpus), ("mem_per_gpu_in_GiB", gpu_mem)):
+            if given is not None:
+                args[key] = given
+            elif args.get(key, AUTO) == AUTO:
+                detected = detected or detect_gpus()
+                args[key] = detected[0] if key == "num_of_gpus" else detected[1]
+        notes.append(f"GPU resource manager: {args['num_of_gpus']} GPU(s), {args['mem_per_gpu_in_GiB']} GiB each")
+    merged["class_allow_list"] = list(dict.fromkeys(list(merged.get("class_allow_list", [])) + site_class_allow_list()))
+    merged.setdefault("class_list_enforcement_mode", "enforce")
+    notes.append(f"class allow-list: {len(merged['class_allow_list'])} entries, medflare's included")
+    return merged, notes
+
+
+def _data_config(data: str, data_root: Optional[str]) -> tuple[dict, list]:
+    """Read ``data`` (a site data configuration or a datalist) and check every file it names."""
+    path = os.path.abspath(data)
+    try:
+        content = read_json_object(path, "--data")
+    except DataListError as e:
+        raise InstallError(str(e)) from None
+    base = os.path.dirname(path)
+    if "datalist" in content and "training" not in content:
+        if data_root is not None:
+            raise InstallError(f"--data {data} is a site data configuration with its own data_root; drop --data-root")
+        for key in ("data_root", "datalist"):
+            if not isinstance(content.get(key), str) or not content[key]:
+                raise InstallError(f"--data {data}: a site data configuration needs a non-empty string {key!r}")
+        root = os.path.normpath(os.path.join(base, os.path.expanduser(content["data_root"])))
+        datalist = os.path.normpath(os.path.join(base, os.path.expanduser(content["datalist"])))
+    else:
+        datalist = path
+        root = os.path.abspath(data_root) if data_root is not None else base
+    try:
+        training, validation = load_datalist(datalist, root, check_files=True)
+    except DataListError as e:
+        raise InstallError(f"--data {data}: {e}") from None
+    note = f"data: {len(training)} training and {len(validation)} validation subjects, datalist {datalist}, images under {root}"
+    return {"data_root": root, "datalist": datalist}, [note]
+
+
+def _dumps(obj: dict) -> str:
+    return json.dumps(obj, indent=2) + "\n"
+
+
+def _check_with_nvflare(workspace: str, files: dict) -> None:
+    """Load the staged ``privacy.json`` with NVFlare's own configurator, as the client will."""
+    from nvflare.apis.workspace import Workspace
+    from nvflare.private.fed.app.fl_conf import create_privacy_manager
+
+    with tempfile.TemporaryDirectory(prefix="medflare-site-check-") as staging:
+        os.makedirs(os.path.join(staging, "local"))
+        shutil.copytree(os.path.join(workspace, "startup"), os.path.join(staging, "startup"))
+        for name, text in files.items():
+            with open(os.path.join(staging, "local", name), "w") as f:
+                f.write(text)
+        try:
+            manager = create_privacy_manager(Workspace(root_dir=staging), names_only=False)
+        except Exception as e:  # noqa: BLE001 - anything NVFlare refuses, the client would refuse
+            raise InstallError(f"NVFlare refuses the staged privacy.json: {type(e).__name__}: {e}") from None
+        if not manager.is_policy_defined():
+            raise InstallError("NVFlare reads no privacy policy from the staged privacy.json")
+
+
+def plan_install(
+    workspace: str,
+    profile: Optional[str] = None,
+    data: Optional[str] = None,
+    data_root: Optional[str] = None,
+    gpus: Optional[int] = None,
+    gpu_memory_gib: Optional[float] = None,
+) -> InstallPlan:
+    """Build and check every file to install; write nothing.
+
+    Args:
+        workspace: the FLARE client's (or server's) workspace folder.
+        profile: profile name or folder; required for a client, refused for the server.
+        data: the site's data configuration (``{"data_root", "datalist"}``) or a datalist
+            JSON; required for a client, refused for the server.
+        data_root: folder a datalist's relative paths start from (default: its own folder).
+        gpus, gpu_memory_gib: override the GPU count and memory per GPU found on this machine.
+
+    Raises:
+        InstallError: naming the argument or file at fault.
+    """
+    workspace = os.path.abspath(workspace)
+    role = workspace_role(workspace)
+    if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0):
+        raise InstallError(f"--gpus must be an int >= 0, got {gpus!r}")
+    if gpu_memory_gib is not None and (isinstance(gpu_memory_gib, bool) or not isinstance(gpu_memory_gib, (int, float)) or gpu_memory_gib < 0):
+        raise InstallError(f"--gpu-memory must be a number >= 0 (GiB), got {gpu_memory_gib!r}")
+    plan = InstallPlan(workspace, role)
+    local_dir = os.path.join(workspace, "local")
+    if role == "server":
+        if profile is not None or data is not None:
+            raise InstallError(
+                f"{workspace} is the server's workspace: it takes no --profile or --data (the server has no privacy "
+                "policy or data; only the class allow-list is installed)"
+            )
+        resources, notes = _merge_resources(_current_resources(local_dir), None, gpus, gpu_memory_gib)
+        plan.files["resources.json"] = _dumps(resources)
+        plan.summary += notes
+        manifest = {"role": "server"}
+    else:
+        if profile is None:
+            raise InstallError("--profile is required for a client workspace (e.g. research or clinical)")
+        if data is None:
+            raise InstallError("--data is required for a client workspace: the site's data configuration or datalist")
+        try:
+            chosen = resolve_profile(profile)
+        except SiteProfileError as e:
+            raise InstallError(str(e)) from None
+        data_config, data_notes = _data_config(data, data_root)
+        resources, notes = _merge_resources(_current_resources(local_dir), chosen, gpus, gpu_memory_gib)
+        plan.files["privacy.json"] = _dumps(chosen.privacy)
+        plan.files["resources.json"] = _dumps(resources)
+        plan.files[DATA_CONFIG_FILE] = _dumps(data_config)
+        _check_with_nvflare(workspace, {"privacy.json": plan.files["privacy.json"]})
+        plan.summary.append(
+            f"profile {chosen.name} ({chosen.folder}): scopes {', '.join(chosen.scope_names)}; default {chosen.default_scope}"
+        )
+        plan.summary += notes + data_notes
+        manifest = {"role": "client", "profile": chosen.name, "profile_folder": chosen.folder}
+    from medflare import __version__
+
+    manifest.update(
+        {
+            "medflare_version": __version__,
+            "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": {name: hashlib.sha256(text.encode()).hexdigest() for name, text in plan.files.items()},
+        }
+    )
+    plan.files[MANIFEST_FILE] = _dumps(manifest)
+    return plan
+
+
+def apply_install(plan: InstallPlan, _replace=os.replace) -> str:
+    """Write a checked plan into ``<workspace>/local``: all files or none.
+
+    Returns:
+        The backup folder holding the files that were replaced (empty when none existed).
+
+    Raises:
+        InstallError: when a file could not be written; every file is then as it was.
+    """
+    local_dir = os.path.join(plan.workspace, "local")
+    os.makedirs(local_dir, exist_ok=True)
+    backup = os.path.join(local_dir, BACKUP_DIR, time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
+    staged, done = {}, []
+    try:
+        for name, text in plan.files.items():
+            tmp = os.path.join(local_dir, f".{name}.medflare-new")
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            staged[name] = tmp
+        os.makedirs(backup, exist_ok=True)
+        for name in plan.files:
+            target = os.path.join(local_dir, name)
+            if os.path.exists(target):
+                shutil.copy2(target, os.path.join(backup, name))
+        for name, tmp in staged.items():
+            _replace(tmp, os.path.join(local_dir, name))
+            done.append(name)
+    except OSError as e:
+        for name in done:
+            saved = os.path.join(backup, name)
+            target = os.path.join(local_dir, name)
+            if os.path.exists(saved):
+                shutil.copy2(saved, target)
+            else:
+                os.remove(target)
+        for tmp in staged.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise InstallError(f"install into {local_dir} failed and was rolled back: {e}") from None
+    if not os.listdir(backup):
+        os.rmdir(backup)
+        if not os.listdir(os.path.dirname(backup)):
+            os.rmdir(os.path.dirname(backup))
+    return backup
+
+
+def install_site(workspace: str, profile: Optional[str] = None, data: Optional[str] = None, **kwargs) -> InstallPlan:
+    """:func:`plan_install` then :func:`apply_install`; returns the plan that was installed."""
+    plan = plan_install(workspace, profile, data, **kwargs)
+    backup = apply_install(plan)
+    if os.path.isdir(backup):
+        plan.summary.append(f"previous files kept in {backup}")
+    return plan
+
+
+def read_manifest(workspace: str) -> dict:
+    """The install record of a workspace, with ``"modified"``: installed files changed since.
+
+    Raises:
+        InstallError: nothing was installed there by medflare, or the record is unreadable.
+    """
+    path = os.path.join(os.path.abspath(workspace), "local", MANIFEST_FILE)
+    if not os.path.isfile(path):
+        raise InstallError(f"no medflare install record at {path}; run medflare site install first")
+    try:
+        manifest = read_json_object(path, "install record")
+    except DataListError as e:
+        raise InstallError(str(e)) from None
+    modified = []
+    for name, digest in manifest.get("files", {}).items():
+        if name == MANIFEST_FILE:
+            continue
+        target = os.path.join(os.path.dirname(path), name)
+        try:
+            with open(target, "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() != digest:
+                    modified.append(name)
+        except OSError:
+            modified.append(name)
+    manifest["modified"] = modified
+    return manifest

@@ -1,0 +1,131 @@
+"""A real federation on loopback: every shipped job submitted through the FLARE API, site policy
+applied, a bad scope refused, and clients killed mid-job.
+
+NVFlare POC mode: a server and three clients provisioned with certificates, each started by its
+own ``startup/start.sh`` with the research profile installed by ``medflare site install``, and
+the admin's FLARE API session (the path the admin console's ``submit_job`` takes). Nothing is
+mocked. The server's dead-client detection is shortened (see ``poc_support``) so that the two
+fault tests take a minute each rather than ten.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from medflare.federation.poc_federation import PocFederation
+from tests.integration.poc_support import (
+    FAST_FAILURE_DETECTION,
+    HEARTBEAT_TIMEOUT,
+    job_filters,
+    round_records,
+    rounds_recorded,
+    shipped_jobs,
+    small_job,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.poc]
+
+SITE_FILTER = {"filter": "PercentileSharingFilter", "source": "site"}  # the research profile's default scope
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, poc_site_data):
+    root = tmp_path_factory.mktemp("poc_federation")
+    fed = PocFederation(str(root), clients=3, env=FAST_FAILURE_DETECTION, heartbeat_timeout=HEARTBEAT_TIMEOUT, log=print)
+    with fed:
+        fed.prepare()
+        fed.install_server()
+        for site in fed.sites:
+            fed.install_site(site, "research", poc_site_data[site], gpus=0)
+        fed.start()
+        yield fed
+
+
+def test_every_shipped_job_completes_with_the_site_policy_applied(federation, tmp_path):
+    jobs = shipped_jobs()
+    assert {"brats_fedavg", "brats_percentile", "brats_gaussian_dp", "brats_fedyogi"} <= set(jobs)
+    submitted = {job: federation.submit(small_job(job, str(tmp_path))) for job in jobs}
+
+    for job, job_id in submitted.items():
+        meta = federation.wait(job_id, timeout=900)
+        assert meta["status"] == "FINISHED:COMPLETED", (job, meta)
+        result = federation.download(job_id, str(tmp_path / "results"))
+
+        records = round_records(result)
+        assert [r["round"] for r in records] == [0, 1], job
+        own = job_filters(job)
+        for record in records:
+            assert sorted(record["aggregation"]["accepted"]) == federation.sites, (job, record["aggregation"])
+            for site, seen in record["sites"].items():
+                # what the server received says which filters ran at the site, and that the
+                # site's own policy ran first, also for jobs that name no filter themselves
+                expected = [SITE_FILTER] + [{"filter": name, "source": "job"} for name in own]
+                assert seen["filters_applied"] == expected, (job, site, seen["filters_applied"])
+                shared = seen["privacy"]["medflare_percentile_sharing"]
+                assert shared["num_shared"] <= 0.11 * shared["num_total"] or own, (job, site, shared)
+                if "GaussianPrivacyFilter" in own:
+                    assert seen["privacy"]["medflare_gaussian_dp"]["noise_multiplier"] > 0
+        app_server = os.path.join(result, "workspace", "app_server")
+        for model in ("FL_global_model.pt", "best_FL_global_model.pt"):
+            assert os.path.isfile(os.path.join(app_server, model)), (job, model)
+        assert os.path.isfile(os.path.join(result, "workspace", "cross_site_val", "cross_val_results.json"))
+
+
+def test_a_job_naming_a_scope_no_site_defines_is_refused_with_nvflares_message(federation, tmp_path):
+    job_id = federation.submit(small_job("brats_fedavg", str(tmp_path), name="brats_bad_scope", scope="no_such_scope"))
+    meta = federation.wait(job_id, timeout=120)
+    assert meta["status"] == "FINISHED:FAILED_TO_RUN"
+    details = meta["job_deploy_detail"]
+    for site in federation.sites:
+        assert f"{site}: NVFLARE_ERROR: privacy scope 'no_such_scope' is not allowed" in details
+
+
+def test_a_client_killed_mid_job_leaves_the_rest_to_finish(federation, tmp_path):
+    job_id = federation.submit(small_job("brats_fedavg", str(tmp_path), rounds=3, name="brats_lose_one_site"))
+    _wait_for_rounds(federation, job_id, 1)
+    federation.kill("site-3")  # SIGKILL to its watchdog, client and job processes
+
+    meta = federation.wait(job_id, timeout=600)
+    assert meta["status"] == "FINISHED:COMPLETED"
+    result = federation.download(job_id, str(tmp_path / "results"))
+    records = round_records(result)
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert sorted(records[0]["aggregation"]["accepted"]) == ["site-1", "site-2", "site-3"]
+    # from the round after the kill on, the global model is the survivors' average
+    assert all(sorted(r["aggregation"]["accepted"]) == ["site-1", "site-2"] for r in records[2:])
+    assert os.path.isfile(os.path.join(result, "workspace", "app_server", "FL_global_model.pt"))
+
+
+def test_a_client_killed_below_min_clients_ends_the_job_failed_and_keeps_the_best_model(federation, tmp_path):
+    # site-3 is down since the previous test: two sites are left for a job needing two
+    if federation.running("site-3"):
+        federation.kill("site-3")
+    job_id = federation.submit(small_job("brats_fedavg", str(tmp_path), rounds=8, name="brats_below_minimum"))
+    _wait_for_rounds(federation, job_id, 2)
+    federation.kill("site-2")
+
+    meta = federation.wait(job_id, timeout=600)
+    assert meta["status"].startswith("FINISHED:") and meta["status"] != "FINISHED:COMPLETED", meta["status"]
+    result = federation.download(job_id, str(tmp_path / "results"))
+    assert len(round_records(result)) < 8
+    with open(os.path.join(result, "workspace", "log.txt")) as f:
+        log = f.read()
+    assert "Alive clients 1 < required min 2" in log and "Aborting job due to deployment policy violation" in log
+    best = os.path.join(result, "workspace", "app_server", "best_FL_global_model.pt")
+    state = torch.load(best, map_location="cpu", weights_only=False)
+    state = state.get("model", state)
+    assert state and all(torch.isfinite(torch.as_tensor(v).float()).all() for v in state.values())
+
+
+def _wait_for_rounds(federation, job_id: str, n: int, timeout: float = 300.0) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while rounds_recorded(federation, job_id) < n:
+        meta = federation.job_meta(job_id)
+        assert not str(meta.get("status", "")).startswith("FINISHED"), meta
+        assert time.time() < deadline, f"job {job_id} recorded fewer than {n} rounds in {timeout:.0f} s"
+        time.sleep(0.5)

@@ -1,0 +1,230 @@
+"""``medflare site install``: checked first, then all files or none.
+
+The workspaces here are laid out like NVFlare's provisioned kits (``startup/fed_client.json``,
+``local/resources.json.default``); the installed policy is loaded by NVFlare's own privacy
+configurator during the install. Real provisioned kits are installed into in the POC tests.
+"""
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from medflare.cli.main import main
+from medflare.data.site_data_config import read_site_data_config
+from medflare.sites.site_install import (
+    MANIFEST_FILE,
+    InstallError,
+    apply_install,
+    install_site,
+    plan_install,
+    read_manifest,
+)
+
+DEFAULT_RESOURCES = {
+    "format_version": 2,
+    "class_list_enforcement_mode": "enforce",
+    "class_allow_list": ["nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather"],
+    "allow_log_streaming": True,
+    "components": [
+        {
+            "id": "resource_manager",
+            "path": "nvflare.app_common.resource_managers.gpu_resource_manager.GPUResourceManager",
+            "args": {"num_of_gpus": 0, "mem_per_gpu_in_GiB": 0, "expiration_period": 30},
+        },
+        {"id": "process_launcher", "path": "nvflare.app_common.job_launcher.client_process_launcher.ClientProcessJobLauncher", "args": {}},
+    ],
+}
+
+
+def _workspace(tmp_path, role="client", name="site-1"):
+    ws = tmp_path / name
+    (ws / "startup").mkdir(parents=True)
+    (ws / "local").mkdir()
+    (ws / "startup" / ("fed_client.json" if role == "client" else "fed_server.json")).write_text("{}")
+    (ws / "local" / "resources.json.default").write_text(json.dumps(DEFAULT_RESOURCES))
+    return ws
+
+
+def _snapshot(folder):
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, folder)] = fh.read()
+    return out
+
+
+def test_install_writes_policy_resources_data_and_record(tmp_path, tiny_sites):
+    ws = _workspace(tmp_path)
+    plan = install_site(str(ws), "clinical", tiny_sites["site-1"], gpus=0, gpu_memory_gib=0)
+    local = ws / "local"
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "..", "site_configs", "clinical", "privacy.json")) as f:
+        assert json.loads((local / "privacy.json").read_text()) == json.load(f)
+
+    resources = json.loads((local / "resources.json").read_text())
+    assert "medflare." in resources["class_allow_list"]
+    assert "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather" in resources["class_allow_list"]
+    assert resources["allow_log_streaming"] is False  # the clinical profile's setting
+    by_id = {c["id"]: c for c in resources["components"]}
+    assert by_id["resource_manager"]["args"] == {"num_of_gpus": 0, "mem_per_gpu_in_GiB": 0, "expiration_period": 300}
+    assert "resource_consumer" in by_id and "process_launcher" in by_id  # the site's other components stay
+
+    data = read_site_data_config(str(local / "medflare_data.json"))
+    site = os.path.dirname(tiny_sites["site-1"])
+    assert data.data_root == site and data.datalist == os.path.join(site, "datalist.json")
+
+    manifest = read_manifest(str(ws))
+    assert manifest["profile"] == "clinical" and manifest["role"] == "client" and manifest["modified"] == []
+    for name in ("privacy.json", "resources.json", "medflare_data.json"):
+        assert manifest["files"][name] == hashlib.sha256((local / name).read_bytes()).hexdigest()
+    assert any("2 validation" in line or "validation subjects" in line for line in plan.summary)
+
+
+def test_gpu_count_and_memory_are_filled_in_when_auto(tmp_path, tiny_sites, monkeypatch):
+    import medflare.sites.site_install as site_install
+
+    monkeypatch.setattr(site_install, "detect_gpus", lambda: (2, 79))
+    ws = _workspace(tmp_path)
+    install_site(str(ws), "research", tiny_sites["site-1"])
+    resources = json.loads((ws / "local" / "resources.json").read_text())
+    manager = next(c for c in resources["components"] if c["id"] == "resource_manager")
+    assert manager["args"]["num_of_gpus"] == 2 and manager["args"]["mem_per_gpu_in_GiB"] == 79
+
+
+def test_a_datalist_can_be_given_instead_of_a_data_config(tmp_path, tiny_sites):
+    ws = _workspace(tmp_path)
+    site = os.path.dirname(tiny_sites["site-2"])
+    install_site(str(ws), "research", os.path.join(site, "datalist.json"), gpus=0)
+    data = read_site_data_config(str(ws / "local" / "medflare_data.json"))
+    assert data.data_root == site
+
+
+def test_reinstall_keeps_the_previous_files(tmp_path, tiny_sites):
+    ws = _workspace(tmp_path)
+    install_site(str(ws), "research", tiny_sites["site-1"], gpus=0)
+    before = (ws / "local" / "privacy.json").read_text()
+    plan = install_site(str(ws), "clinical", tiny_sites["site-1"], gpus=0)
+    backups = list((ws / "local" / "medflare_backup").iterdir())
+    assert len(backups) == 1
+    assert (backups[0] / "privacy.json").read_text() == before
+    assert any("previous files kept" in line for line in plan.summary)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(profile="nope"), "unknown profile 'nope'"),
+        (dict(profile=None), "--profile is required"),
+        (dict(data=None), "--data is required"),
+        (dict(data="/no/such/file.json"), "--data not found: /no/such/file.json"),
+        (dict(gpus=-1), "--gpus must be an int >= 0, got -1"),
+        (dict(gpu_memory_gib="lots"), "--gpu-memory must be a number >= 0"),
+    ],
+)
+def test_bad_arguments_are_refused_and_nothing_is_written(tmp_path, tiny_sites, kwargs, message):
+    ws = _workspace(tmp_path)
+    before = _snapshot(ws)
+    args = dict(profile="research", data=tiny_sites["site-1"])
+    args.update(kwargs)
+    with pytest.raises(InstallError, match=message):
+        install_site(str(ws), **args)
+    assert _snapshot(ws) == before
+
+
+def test_a_datalist_naming_a_missing_image_is_refused(tmp_path, tiny_sites):
+    ws = _workspace(tmp_path)
+    site = os.path.dirname(tiny_sites["site-1"])
+    datalist = json.loads(open(os.path.join(site, "datalist.json")).read())
+    datalist["validation"][0]["label"] = "gone/gone_seg.nii.gz"
+    bad = tmp_path / "datalist.json"
+    bad.write_text(json.dumps(datalist))
+    before = _snapshot(ws)
+    with pytest.raises(InstallError, match=r"validation\[0\] names a missing file: .*gone_seg.nii.gz"):
+        install_site(str(ws), "research", str(bad), data_root=site)
+    assert _snapshot(ws) == before
+
+
+def test_an_invalid_profile_folder_is_refused_before_anything_is_written(tmp_path, tiny_sites):
+    ws = _workspace(tmp_path)
+    profile = tmp_path / "custom_profile"
+    profile.mkdir()
+    policy = json.loads(open(os.path.join(os.path.dirname(__file__), "..", "..", "..", "site_configs", "clinical", "privacy.json")).read())
+    policy["scopes"][0]["task_result_filters"][0]["args"]["max_epsilon"] = -1
+    (profile / "privacy.json").write_text(json.dumps(policy))
+    (profile / "resources.json").write_text("{}")
+    before = _snapshot(ws)
+    with pytest.raises(InstallError, match=r"scope 'clinical' task_result_filters\[0\].*max_epsilon"):
+        install_site(str(ws), str(profile), tiny_sites["site-1"])
+    assert _snapshot(ws) == before
+
+
+def test_a_failure_while_swapping_files_in_rolls_back_every_file(tmp_path, tiny_sites):
+    ws = _workspace(tmp_path)
+    install_site(str(ws), "research", tiny_sites["site-1"], gpus=0)
+    before = _snapshot(ws / "local")
+    plan = plan_install(str(ws), "clinical", tiny_sites["site-1"], gpus=0)
+    calls = []
+
+    def failing_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        os.replace(src, dst)
+
+    with pytest.raises(InstallError, match="failed and was rolled back: disk full"):
+        apply_install(plan, _replace=failing_replace)
+    after = {k: v for k, v in _snapshot(ws / "local").items() if not k.startswith("medflare_backup")}
+    assert after == {k: v for k, v in before.items() if not k.startswith("medflare_backup")}
+    assert not [f for f in os.listdir(ws / "local") if f.endswith(".medflare-new")]
+
+
+def test_the_server_gets_only_the_allow_list(tmp_path, tiny_sites):
+    ws = _workspace(tmp_path, role="server", name="server")
+    plan = install_site(str(ws))
+    assert set(plan.files) == {"resources.json", MANIFEST_FILE}
+    assert "medflare." in json.loads((ws / "local" / "resources.json").read_text())["class_allow_list"]
+    assert not (ws / "local" / "privacy.json").exists()
+    with pytest.raises(InstallError, match="server's workspace: it takes no --profile or --data"):
+        install_site(str(ws), "research", tiny_sites["site-1"])
+
+
+def test_not_a_flare_workspace_is_refused(tmp_path):
+    with pytest.raises(InstallError, match="not a FLARE client or server workspace"):
+        install_site(str(tmp_path), "research", "x")
+    with pytest.raises(InstallError, match="workspace not found"):
+        install_site(str(tmp_path / "nope"), "research", "x")
+
+
+def test_hand_edits_after_install_are_reported(tmp_path, tiny_sites):
+    ws = _workspace(tmp_path)
+    install_site(str(ws), "research", tiny_sites["site-1"], gpus=0)
+    path = ws / "local" / "privacy.json"
+    path.write_text(path.read_text().replace('"partial_sharing"', '"edited"'))
+    assert read_manifest(str(ws))["modified"] == ["privacy.json"]
+    with pytest.raises(InstallError, match="no medflare install record"):
+        read_manifest(str(tmp_path))
+
+
+def test_command_line_install_show_and_refusal(tmp_path, tiny_sites, capsys):
+    ws = _workspace(tmp_path)
+    assert main(["site", "install", "--workspace", str(ws), "--profile", "clinical", "--data", tiny_sites["site-1"], "--dry-run"]) == 0
+    assert "dry run: would write privacy.json" in capsys.readouterr().out
+    assert not (ws / "local" / "privacy.json").exists()
+
+    assert main(["site", "install", "--workspace", str(ws), "--profile", "clinical", "--data", tiny_sites["site-1"], "--gpus", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "scopes clinical, clinical_sparse; default clinical" in out and "restart the FLARE client" in out
+
+    assert main(["site", "show", "--workspace", str(ws)]) == 0
+    out = capsys.readouterr().out
+    assert "profile: clinical" in out and "unchanged since install" in out and "epsilon spent 0" in out
+
+    assert main(["site", "install", "--workspace", str(ws), "--profile", "clinic", "--data", tiny_sites["site-1"]]) == 2
+    assert "medflare site: error: unknown profile 'clinic'" in capsys.readouterr().err
+
+    assert main(["site", "profiles"]) == 0
+    assert "partial_sharing (default)" in capsys.readouterr().out

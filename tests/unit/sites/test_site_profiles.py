@@ -1,0 +1,163 @@
+"""Site profiles: the shipped ones are valid and say what they promise; bad ones are refused."""
+
+import copy
+import json
+import os
+
+import pytest
+
+from medflare.sites.class_allow_list import site_class_allow_list
+from medflare.sites.site_profiles import (
+    SiteProfileError,
+    available_profiles,
+    check_privacy_policy,
+    check_resources_fragment,
+    is_allowed,
+    load_profile,
+    resolve_profile,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+GAUSSIAN = "medflare.filters.gaussian_privacy.GaussianPrivacyFilter"
+PERCENTILE = "medflare.filters.percentile_sharing.PercentileSharingFilter"
+
+
+def _policy(**scope_overrides):
+    scope = {
+        "name": "s",
+        "properties": {},
+        "task_data_filters": [],
+        "task_result_filters": [{"path": PERCENTILE, "args": {"fraction_shared": 0.1, "gamma": 0.1}}],
+    }
+    scope.update(scope_overrides)
+    return {"scopes": [scope], "default_scope": "s"}
+
+
+def test_shipped_profiles_are_found_in_site_configs():
+    profiles = available_profiles()
+    assert {"research", "clinical"} <= set(profiles)
+    for name in ("research", "clinical"):
+        assert profiles[name] == os.path.join(REPO, "site_configs", name)
+
+
+@pytest.mark.parametrize("name", ["research", "clinical"])
+def test_shipped_profiles_load_and_build_every_filter(name):
+    profile = resolve_profile(name)
+    assert profile.name == name
+    assert profile.default_scope in profile.scope_names
+    for scope in profile.privacy["scopes"]:
+        assert scope["properties"]["description"]
+        for f in scope["task_result_filters"]:
+            assert is_allowed(f["path"], site_class_allow_list())
+
+
+def test_clinical_profile_releases_no_update_without_gaussian_noise_within_a_budget():
+    profile = resolve_profile("clinical")
+    for scope in profile.privacy["scopes"]:
+        paths = [f["path"] for f in scope["task_result_filters"]]
+        assert paths[0] == GAUSSIAN, f"scope {scope['name']} must start with Gaussian DP"
+        assert scope["task_result_filters"][0]["args"]["max_epsilon"] <= 8.0
+    assert profile.resources["allow_log_streaming"] is False
+
+
+def test_research_profile_defaults_to_partial_sharing():
+    profile = resolve_profile("research")
+    default = next(s for s in profile.privacy["scopes"] if s["name"] == profile.default_scope)
+    assert [f["path"] for f in default["task_result_filters"]] == [PERCENTILE]
+
+
+def test_unknown_profile_names_the_known_ones():
+    with pytest.raises(SiteProfileError, match=r"unknown profile 'clinic'.*clinical, research"):
+        resolve_profile("clinic")
+
+
+def test_profile_by_folder_and_missing_file(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "privacy.json").write_text(json.dumps(_policy()))
+    with pytest.raises(SiteProfileError, match="profile file missing: .*resources.json"):
+        resolve_profile(str(folder))
+    (folder / "resources.json").write_text("{}")
+    assert resolve_profile(str(folder)).scope_names == ["s"]
+    with pytest.raises(SiteProfileError, match="profile folder not found"):
+        resolve_profile(str(tmp_path / "nope"))
+
+
+def test_profiles_env_var_is_searched_first(tmp_path, monkeypatch):
+    folder = tmp_path / "research"
+    folder.mkdir()
+    (folder / "privacy.json").write_text(json.dumps(_policy()))
+    (folder / "resources.json").write_text("{}")
+    monkeypatch.setenv("MEDFLARE_SITE_CONFIGS", str(tmp_path))
+    assert resolve_profile("research").folder == str(folder)
+
+
+@pytest.mark.parametrize(
+    "policy, message",
+    [
+        ({"scopes": [], "default_scope": "s"}, "'scopes' must be a non-empty list"),
+        ({"scopes": [{"name": "s"}], "default_scope": "t"}, r"default_scope 't' is not one of the scopes \['s'\]"),
+        ({"scopes": [{"name": "s"}, {"name": "s"}], "default_scope": "s"}, "scope name 's' is defined twice"),
+        ({"scopes": [{"name": ""}], "default_scope": ""}, "needs a non-empty string 'name'"),
+        ({"scopes": [{"name": "s", "filters": []}], "default_scope": "s"}, r"unknown keys \['filters'\]"),
+        ({"scopes": [{"name": "s"}], "default_scope": "s", "budget": 1}, r"unknown top-level keys \['budget'\]"),
+        (
+            _policy(task_result_filters=[{"path": PERCENTILE, "args": {"fraction_shared": 1.5, "gamma": 0.1}}]),
+            r"scope 's' task_result_filters\[0\]: .*PercentileSharingFilter refuses its arguments .*fraction_shared",
+        ),
+        (
+            _policy(task_result_filters=[{"path": GAUSSIAN, "args": {"clipping_norm": 1.0, "noise_multiplier": 1.0}}]),
+            "GaussianPrivacyFilter refuses its arguments.*max_epsilon",
+        ),
+        (
+            _policy(task_result_filters=[{"path": "some.vendor.Filter", "args": {}}]),
+            "some.vendor.Filter is not on the site's class allow-list",
+        ),
+        (
+            _policy(task_result_filters=[{"path": "medflare.filters.nope.Filter", "args": {}}]),
+            "class 'medflare.filters.nope.Filter' cannot be imported",
+        ),
+        (_policy(task_data_filters={"path": PERCENTILE}), "'task_data_filters' must be a list"),
+    ],
+)
+def test_invalid_policies_are_refused_with_the_place_at_fault(policy, message):
+    with pytest.raises(SiteProfileError, match=message):
+        check_privacy_policy(policy, "privacy.json", site_class_allow_list())
+
+
+@pytest.mark.parametrize(
+    "fragment, message",
+    [
+        ({"class_allow_list": ["x."]}, "'class_allow_list' is set by the installer"),
+        ({"components": {}}, "'components' must be a list"),
+        ({"components": [{"id": "a", "path": "x.Y"}, {"id": "a", "path": "x.Z"}]}, "component id 'a' appears twice"),
+        ({"components": [{"id": "rm", "path": "x.Y", "args": {"num_of_gpus": -1}}]}, "num_of_gpus must be 'auto' or a number >= 0"),
+        ({"components": [{"path": "x.Y"}]}, "needs a string 'id'"),
+    ],
+)
+def test_invalid_resource_fragments_are_refused(fragment, message):
+    with pytest.raises(SiteProfileError, match=message):
+        check_resources_fragment(fragment, "resources.json")
+
+
+def test_allow_list_rule_matches_nvflare():
+    allow = ["medflare.", "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor"]
+    assert is_allowed("medflare.filters.x.Y", allow)
+    assert is_allowed("nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor", allow)
+    assert not is_allowed("nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistorX", allow)
+    assert not is_allowed("medflarex.Y", allow)
+
+
+def test_a_profile_that_is_not_json_is_refused(tmp_path):
+    (tmp_path / "privacy.json").write_text("{not json")
+    (tmp_path / "resources.json").write_text("{}")
+    with pytest.raises(SiteProfileError, match="privacy.json is not readable JSON"):
+        load_profile(str(tmp_path))
+    (tmp_path / "privacy.json").write_text("[]")
+    with pytest.raises(SiteProfileError, match="must hold a JSON object, got list"):
+        load_profile(str(tmp_path))
+    # loading does not change the caller's dict
+    policy = _policy()
+    before = copy.deepcopy(policy)
+    check_privacy_policy(policy, "p", site_class_allow_list())
+    assert policy == before
