@@ -138,7 +138,7 @@ def test_sparse_transport_gives_the_dense_global_model(tmp_path):
         job, _ = _small_job(tmp_path / f"sparse_{sparse}", "brats_percentile")
         _set_sparse(job, sparse)
         result = run_job(
-            RunOptions(job_dir=job, sites=2, rounds=1, workspace=str(tmp_path / f"ws_{sparse}"), cases=5, size=32, seed=1, threads=1),
+            RunOptions(job_dir=job, sites=2, rounds=1, workspace=str(tmp_path / f"ws_{sparse}"), cases=5, size=32, seed=1),
             log=lambda m: None,
         )
         assert all(s["privacy"]["medflare_percentile_sharing"]["sparse"] is sparse for s in result["records"][0]["sites"].values())

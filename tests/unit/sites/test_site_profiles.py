@@ -161,3 +161,17 @@ def test_a_profile_that_is_not_json_is_refused(tmp_path):
     before = copy.deepcopy(policy)
     check_privacy_policy(policy, "p", site_class_allow_list())
     assert policy == before
+
+
+def test_every_profile_folder_ships_in_the_wheel():
+    """``setup.cfg`` installs each profile under ``share/medflare/site_configs`` for wheel installs."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(os.path.join(REPO, "setup.cfg"))
+    shipped = {key.rsplit("/", 1)[-1]: value for key, value in config["options.data_files"].items()}
+    folders = sorted(n for n in os.listdir(os.path.join(REPO, "site_configs")) if os.path.isdir(os.path.join(REPO, "site_configs", n)))
+    assert sorted(shipped) == folders
+    for name, files in shipped.items():
+        listed = sorted(f.strip() for f in files.replace("\n", ",").split(",") if f.strip())
+        assert listed == [f"site_configs/{name}/privacy.json", f"site_configs/{name}/resources.json"]
