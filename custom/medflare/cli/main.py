@@ -1,6 +1,7 @@
 """The ``medflare`` command.
 
     medflare data brats --out DIR [--sites N] [--cases C] [--size S] [--seed K]
+    medflare data heart --out DIR [--no-normalise]
     medflare run JOB_DIR [--sites N] [--rounds R] [--workspace DIR] [--data DIR] ...
     medflare budget show --workspace SITE_DIR [--delta D] [--accountant rdp|prv]
     medflare site profiles | install --workspace DIR [--profile P --data D] | show --workspace DIR
@@ -34,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     brats.add_argument("--val-fraction", type=float, default=0.25, help="share of each site's subjects for validation")
     brats.add_argument("--force", action="store_true", help="regenerate even when matching data exists")
 
+    heart = data_sub.add_parser(
+        "heart", help="UCI Heart Disease, one site per hospital, prepared as FLamby's Fed-Heart-Disease"
+    )
+    heart.add_argument("--out", required=True, help="folder to write site-1 (Cleveland) ... site-4 (VA Long Beach) into")
+    heart.add_argument("--no-normalise", action="store_true", help="keep raw values (default: per-hospital standardisation)")
+
     run = sub.add_parser("run", help="run a job folder in the NVFlare simulator on local sites")
     run.add_argument("job", help="job folder, e.g. jobs/brats_fedavg")
     run.add_argument("--sites", type=int, default=3, help="number of simulated sites (default 3)")
@@ -60,6 +67,17 @@ def _budget(args) -> int:
 
     print(format_budget(ledger_path(args.workspace), args.delta, args.accountant))
     return 0
+
+
+def _data(args) -> int:
+    if args.dataset == "heart":
+        from medflare.data.heart_disease import write_heart_sites
+
+        configs = write_heart_sites(args.out, normalise=not args.no_normalise)
+        for site, path in configs.items():
+            print(f"{site}: {path}")
+        return 0
+    return _data_brats(args)
 
 
 def _data_brats(args) -> int:
@@ -101,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from medflare.cli.site import run_site_command
     from medflare.sites.site_install import InstallError
 
-    handlers = {"data": _data_brats, "run": _run, "budget": _budget, "site": run_site_command}
+    handlers = {"data": _data, "run": _run, "budget": _budget, "site": run_site_command}
     try:
         return handlers[args.command](args)
     except (JobRunError, DataListError, InstallError, ValueError) as e:

@@ -18,6 +18,14 @@ def test_data_brats_writes_sites(tmp_path, capsys):
         assert f"{site}: {tmp_path / site / 'data_config.json'}" in out
 
 
+def test_data_heart_writes_one_site_per_hospital(tmp_path, capsys, monkeypatch):
+    assert main(["data", "heart", "--out", str(tmp_path), "--no-normalise"]) == 0
+    assert f"site-4: {tmp_path / 'site-4' / 'data_config.json'}" in capsys.readouterr().out
+    monkeypatch.setenv("MEDFLARE_HEART_DISEASE_CSV", str(tmp_path / "missing.csv"))
+    assert main(["data", "heart", "--out", str(tmp_path)]) == 2
+    assert "MEDFLARE_HEART_DISEASE_CSV names a missing file" in capsys.readouterr().err
+
+
 def test_bad_arguments_exit_2_with_the_reason(tmp_path, capsys):
     assert main(["data", "brats", "--out", str(tmp_path), "--sites", "0"]) == 2
     assert "num_sites must be an int in [1, 64], got 0" in capsys.readouterr().err
