@@ -472,8 +472,8 @@ def main(argv=None) -> int:
     measure_memory = memory_measurable()
     if not measure_memory:
         print("note: peak memory needs Linux's /proc/self/clear_refs; not measured here")
-    print(f"times: median of n runs after 1 warm-up; memory: one run in a fresh process, "
-          f"VmHWM - VmRSS before the call")
+    print("times: median of n runs after 1 warm-up; memory: one run in a fresh process, "
+          "VmHWM - VmRSS before the call")
 
     infos, rows = [], []
     for label in sizes:

@@ -8,42 +8,30 @@ lookup, final evaluation) is the job as shipped.
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
 
 from medflare.cli.run_job import RunOptions, run_job
 from medflare.training.model_spec import build_model
+from tests.integration.job_copies import load_json, save_json, small_job
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.integration
 
 
 def _small_job(tmp_path, name="brats_fedavg"):
-    job = tmp_path / name
-    shutil.copytree(os.path.join(REPO, "jobs", name), job)
-    server_path = job / "app" / "config" / "config_fed_server.json"
-    client_path = job / "app" / "config" / "config_fed_client.json"
-    server = json.loads(server_path.read_text())
-    client = json.loads(client_path.read_text())
-    small = {"init_filters": 8, "blocks_down": [1, 1, 1], "blocks_up": [1, 1]}
-    model_args = server["model"]["args"] if "model" in server else server["model_args"]
-    model_args.update(small)
-    args = client["executors"][0]["executor"]["args"]
-    args["model"]["args"].update(small)
-    args.update({"local_epochs": 1, "roi_size": [16, 16, 16], "val_roi_size": [32, 32, 32]})
-
+    job = small_job(name, str(tmp_path))
+    server_path = os.path.join(job, "app", "config", "config_fed_server.json")
+    server = load_json(server_path)
+    spec = server["model"] if "model" in server else {"path": "medflare.training.seeded_networks.SeededSegResNet", "args": server["model_args"]}
     torch.manual_seed(0)
-    spec = server["model"] if "model" in server else {"path": "medflare.training.seeded_networks.SeededSegResNet", "args": model_args}
     initial = build_model(spec).state_dict()
     checkpoint = tmp_path / "initial.pt"
     torch.save(initial, checkpoint)
     persistor = next(c for c in server["components"] if c["id"] == "persistor")
     persistor["args"]["source_ckpt_file_full_name"] = str(checkpoint)
-    server_path.write_text(json.dumps(server))
-    client_path.write_text(json.dumps(client))
-    return str(job), initial
+    save_json(server_path, server)
+    return job, initial
 
 
 @pytest.mark.parametrize("name", ["brats_fedavg", "brats_fedyogi"])

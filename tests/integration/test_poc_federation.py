@@ -11,20 +11,14 @@ fault tests take a minute each rather than ten.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
 
 from medflare.federation.poc_federation import PocFederation
-from tests.integration.poc_support import (
-    FAST_FAILURE_DETECTION,
-    HEARTBEAT_TIMEOUT,
-    job_filters,
-    round_records,
-    rounds_recorded,
-    shipped_jobs,
-    small_job,
-)
+from tests.integration.job_copies import job_filters, round_records, shipped_jobs
+from tests.integration.poc_support import FAST_FAILURE_DETECTION, HEARTBEAT_TIMEOUT, poc_job, rounds_recorded
 
 pytestmark = [pytest.mark.integration, pytest.mark.poc]
 
@@ -47,7 +41,7 @@ def federation(tmp_path_factory, poc_site_data):
 def test_every_shipped_job_completes_with_the_site_policy_applied(federation, tmp_path):
     jobs = shipped_jobs()
     assert {"brats_fedavg", "brats_percentile", "brats_gaussian_dp", "brats_fedyogi"} <= set(jobs)
-    submitted = {job: federation.submit(small_job(job, str(tmp_path))) for job in jobs}
+    submitted = {job: federation.submit(poc_job(job, str(tmp_path))) for job in jobs}
 
     for job, job_id in submitted.items():
         meta = federation.wait(job_id, timeout=900)
@@ -75,7 +69,7 @@ def test_every_shipped_job_completes_with_the_site_policy_applied(federation, tm
 
 
 def test_a_job_naming_a_scope_no_site_defines_is_refused_with_nvflares_message(federation, tmp_path):
-    job_id = federation.submit(small_job("brats_fedavg", str(tmp_path), name="brats_bad_scope", scope="no_such_scope"))
+    job_id = federation.submit(poc_job("brats_fedavg", str(tmp_path), name="brats_bad_scope", scope="no_such_scope"))
     meta = federation.wait(job_id, timeout=120)
     assert meta["status"] == "FINISHED:FAILED_TO_RUN"
     details = meta["job_deploy_detail"]
@@ -84,7 +78,7 @@ def test_a_job_naming_a_scope_no_site_defines_is_refused_with_nvflares_message(f
 
 
 def test_a_client_killed_mid_job_leaves_the_rest_to_finish(federation, tmp_path):
-    job_id = federation.submit(small_job("brats_fedavg", str(tmp_path), rounds=3, name="brats_lose_one_site"))
+    job_id = federation.submit(poc_job("brats_fedavg", str(tmp_path), rounds=3, name="brats_lose_one_site"))
     _wait_for_rounds(federation, job_id, 1)
     federation.kill("site-3")  # SIGKILL to its watchdog, client and job processes
 
@@ -103,7 +97,7 @@ def test_a_client_killed_below_min_clients_ends_the_job_failed_and_keeps_the_bes
     # site-3 is down since the previous test: two sites are left for a job needing two
     if federation.running("site-3"):
         federation.kill("site-3")
-    job_id = federation.submit(small_job("brats_fedavg", str(tmp_path), rounds=8, name="brats_below_minimum"))
+    job_id = federation.submit(poc_job("brats_fedavg", str(tmp_path), rounds=8, name="brats_below_minimum"))
     _wait_for_rounds(federation, job_id, 2)
     federation.kill("site-2")
 
@@ -121,8 +115,6 @@ def test_a_client_killed_below_min_clients_ends_the_job_failed_and_keeps_the_bes
 
 
 def _wait_for_rounds(federation, job_id: str, n: int, timeout: float = 300.0) -> None:
-    import time
-
     deadline = time.time() + timeout
     while rounds_recorded(federation, job_id) < n:
         meta = federation.job_meta(job_id)

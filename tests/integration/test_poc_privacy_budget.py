@@ -21,7 +21,8 @@ from medflare.federation.poc_federation import PocFederation
 from medflare.privacy.accounting import epsilon_spent
 from medflare.privacy.budget_ledger import LEDGER_FILE_NAME, PrivacyBudgetLedger
 from medflare.sites.site_profiles import resolve_profile
-from tests.integration.poc_support import FAST_FAILURE_DETECTION, HEARTBEAT_TIMEOUT, round_records, small_job
+from tests.integration.job_copies import round_records
+from tests.integration.poc_support import FAST_FAILURE_DETECTION, HEARTBEAT_TIMEOUT, poc_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.poc]
 
@@ -61,7 +62,7 @@ def test_an_exhausted_budget_blocks_results_across_jobs_and_a_client_restart(fed
     assert one_release <= BUDGET < epsilon_spent([(2.4, 2)], 1e-5, "rdp")
 
     # job 1: site-3 releases once, then its budget is spent
-    first = federation.submit(small_job("brats_fedavg", str(tmp_path), rounds=2, name="brats_budget_1"))
+    first = federation.submit(poc_job("brats_fedavg", str(tmp_path), rounds=2, name="brats_budget_1"))
     assert federation.wait(first, timeout=600)["status"] == "FINISHED:COMPLETED"
     records = round_records(federation.download(first, str(tmp_path / "results")))
     round0, round1 = records
@@ -78,7 +79,7 @@ def test_an_exhausted_budget_blocks_results_across_jobs_and_a_client_restart(fed
     federation.restart_client("site-3")  # SIGKILL to all its processes, start.sh, registered again
 
     # job 2: nothing of site-3 reaches the server in any round
-    second = federation.submit(small_job("brats_fedavg", str(tmp_path), rounds=2, name="brats_budget_2"))
+    second = federation.submit(poc_job("brats_fedavg", str(tmp_path), rounds=2, name="brats_budget_2"))
     meta = federation.wait(second, timeout=600)
     assert meta["status"] == "FINISHED:COMPLETED"
     assert "site-3: OK" in meta["job_deploy_detail"]  # the restarted site-3 took part

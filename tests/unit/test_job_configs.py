@@ -17,6 +17,7 @@ from nvflare.fuel.utils.json_scanner import JsonScanner
 from nvflare.fuel.utils.wfconf import resolve_var_refs
 
 from medflare.sites.class_allow_list import site_class_allow_list
+from medflare.sites.site_profiles import is_allowed
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "jobs", "*", "*", "config", "config_fed_*.json")))
@@ -55,10 +56,6 @@ def _component_configs(config):
     return found
 
 
-def _allowed(path, allow_list):
-    return any(path == entry or (entry.endswith(".") and path.startswith(entry)) for entry in allow_list)
-
-
 def test_every_job_has_configs():
     jobs = sorted(glob.glob(os.path.join(REPO, "jobs", "*", "meta.json")))
     assert jobs, "no job folders found"
@@ -80,7 +77,7 @@ def test_every_component_instantiates_and_is_allowed(config_path):
     assert components
     builder = _Builder()
     for component in components:
-        assert _allowed(component["path"], allow_list), f"{component['path']} is not on the sites' allow-list"
+        assert is_allowed(component["path"], allow_list), f"{component['path']} is not on the sites' allow-list"
         built = builder.build_component(copy.deepcopy(component))
         assert built is not None, component["path"]
     for executor in config.get("executors", []):

@@ -13,7 +13,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from medflare.privacy.update_checks import all_finite
+from medflare.privacy.update_checks import all_finite, l2_norm
 
 __all__ = ["ContributionRejected", "ModelSpec", "model_spec", "check_contribution"]
 
@@ -52,7 +52,6 @@ def check_contribution(update: Mapping, spec: ModelSpec, max_norm: Optional[floa
         raise ContributionRejected(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if extra:
         raise ContributionRejected(f"unexpected keys {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-    total = 0.0
     for key, (shape, dtype) in spec.items():
         value = update[key]
         if not isinstance(value, np.ndarray):
@@ -62,16 +61,11 @@ def check_contribution(update: Mapping, spec: ModelSpec, max_norm: Optional[floa
         model_float = np.issubdtype(np.dtype(dtype), np.floating)
         if model_float != np.issubdtype(value.dtype, np.floating) or (not model_float and str(value.dtype) != dtype):
             raise ContributionRejected(f"{key!r} has dtype {value.dtype}, the model has {dtype}")
-        if model_float and value.size:
-            if not all_finite(value):
-                raise ContributionRejected(f"{key!r} holds NaN or infinite values")
-            if max_norm is not None:
-                flat = value.reshape(-1)
-                # float64 accumulation in buffered chunks: no copy of the tensor, no BLAS threads
-                total += float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+        if model_float and value.size and not all_finite(value):
+            raise ContributionRejected(f"{key!r} holds NaN or infinite values")
     if max_norm is None:
         return math.nan
-    norm = math.sqrt(total)
+    norm = l2_norm(update)  # the floating entries, which are the model's floating entries
     if not norm <= max_norm:
         raise ContributionRejected(f"update norm {norm:.4g} exceeds max_update_norm {max_norm:g}")
     return norm

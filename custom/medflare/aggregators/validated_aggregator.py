@@ -28,12 +28,12 @@ from nvflare.app_common.app_constant import AppConstants
 from medflare.aggregators.contribution_checks import ContributionRejected, check_contribution, model_spec
 from medflare.aggregators.estimators import ESTIMATORS, combine
 from medflare.privacy.argument_checks import check_real
-from medflare.transport.sparse_update import SparseTensor, decode_sparse, kept_masks, register_sparse_decomposers
+from medflare.filters.percentile_sharing import SHARING_META_KEY
+from medflare.transport.sparse_update import SparseTensor, decode_sparse, decode_sparse_with_masks, register_sparse_decomposers
 
 __all__ = ["ValidatedAggregator", "AGGREGATION_META_KEY"]
 
 AGGREGATION_META_KEY = "medflare_aggregation"
-_SHARING_META_KEY = "medflare_percentile_sharing"
 
 
 class ValidatedAggregator(Aggregator):
@@ -119,25 +119,29 @@ class ValidatedAggregator(Aggregator):
             raise ContributionRejected(f"data kind {kind}, expected {self.expected_data_kind}")
         weight = self._weight(dxo)
         spec = self._model_spec(fl_ctx, dxo.data)
-        data, sent = self._restored(dxo.data, spec)
+        sharer_mean = self.estimator == "sharer_mean"
+        data, sent = self._restored(dxo.data, spec, with_masks=sharer_mean)
         check_contribution(data, spec, self.max_update_norm)
         masks = None
-        if self.estimator == "sharer_mean":
-            if sent is None and dxo.get_meta_prop(_SHARING_META_KEY):
+        if sharer_mean:
+            if sent is None and dxo.get_meta_prop(SHARING_META_KEY):
                 sent = {k: v != 0 for k, v in data.items()}  # dense partial update: zeros were withheld
             masks = sent or {k: np.ones(v.shape, bool) for k, v in data.items()}
         return data, weight, masks
 
     @staticmethod
-    def _restored(data, spec):
-        """Dense arrays from a sparse payload (and which entries were sent), or the data as is."""
+    def _restored(data, spec, with_masks: bool):
+        """Dense arrays from a sparse payload (and, ``with_masks``, which entries were sent; else
+        None), or the data as is."""
         if not isinstance(data, dict) or not any(isinstance(v, SparseTensor) for v in data.values()):
             return data, None
         if not all(isinstance(v, SparseTensor) for v in data.values()):
             raise ContributionRejected("mixes sparse and dense entries")
         expected = {k: shape for k, (shape, _) in spec.items() if k in data}
         try:
-            return decode_sparse(data, expected_shapes=expected), kept_masks(data, expected_shapes=expected)
+            if with_masks:
+                return decode_sparse_with_masks(data, expected_shapes=expected)
+            return decode_sparse(data, expected_shapes=expected), None
         except ValueError as e:
             raise ContributionRejected(f"malformed sparse payload: {e}") from None
 

@@ -26,7 +26,7 @@ from typing import Optional
 
 from medflare.data.site_data_config import ENV_VAR
 
-__all__ = ["RunOptions", "run_job", "JobRunError"]
+__all__ = ["RunOptions", "run_job", "JobRunError", "set_num_rounds"]
 
 
 class JobRunError(RuntimeError):
@@ -65,6 +65,20 @@ def _read_json(path: str) -> dict:
         raise JobRunError(f"not valid JSON: {path}: {e}") from None
 
 
+def set_num_rounds(server_config: dict, rounds: int) -> bool:
+    """Set ``num_rounds`` in a server config: the top-level variable and any workflow argument
+    that does not refer to it; returns whether there was one to set."""
+    patched = False
+    if "num_rounds" in server_config:
+        server_config["num_rounds"] = rounds
+        patched = True
+    for wf in server_config.get("workflows", []):
+        if "num_rounds" in wf.get("args", {}) and wf["args"]["num_rounds"] != "{num_rounds}":
+            wf["args"]["num_rounds"] = rounds
+            patched = True
+    return patched
+
+
 def _with_rounds(job_dir: str, rounds: int, run_dir: str) -> str:
     """Copy the job into the run folder with ``num_rounds`` set to ``rounds``."""
     copy_dir = os.path.join(run_dir, "job")
@@ -73,15 +87,7 @@ def _with_rounds(job_dir: str, rounds: int, run_dir: str) -> str:
     shutil.copytree(job_dir, copy_dir)
     path = _server_config_path(copy_dir)
     config = _read_json(path)
-    patched = False
-    if "num_rounds" in config:
-        config["num_rounds"] = rounds
-        patched = True
-    for wf in config.get("workflows", []):
-        if "num_rounds" in wf.get("args", {}) and wf["args"]["num_rounds"] != "{num_rounds}":
-            wf["args"]["num_rounds"] = rounds
-            patched = True
-    if not patched:
+    if not set_num_rounds(config, rounds):
         raise JobRunError(f"--rounds given but {path} has no num_rounds to set")
     with open(path, "w") as f:
         json.dump(config, f, indent=2)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence

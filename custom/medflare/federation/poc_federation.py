@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -364,10 +365,9 @@ class PocFederation:
                 self.log(f"job {job_id}: {meta['status']}")
                 return meta
             if time.time() > deadline:
-                try:
+                with contextlib.suppress(Exception):  # the error below says what matters
                     self.session().abort_job(job_id)
-                finally:
-                    raise FederationError(f"job {job_id} still {meta.get('status')} after {timeout:.0f} s; aborted")
+                raise FederationError(f"job {job_id} still {meta.get('status')} after {timeout:.0f} s; aborted")
             time.sleep(poll)
 
     def download(self, job_id: str, dest: str) -> str:

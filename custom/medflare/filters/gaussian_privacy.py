@@ -102,6 +102,7 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
         self.effective_noise_multiplier = z
         self._noise = make_noise_source(noise_seed)
         self._releases_this_run = 0
+        self._round_epsilon = None  # epsilon of one release at z: fixed, computed at the first release
 
     def _ledger(self, fl_ctx: FLContext) -> PrivacyBudgetLedger:
         workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
@@ -121,7 +122,9 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
         _, site_epsilon = ledger.reserve(z, job_id=fl_ctx.get_job_id() or "", round_number=round_number, source=type(self).__name__)
         released, info = gaussian_release(dxo.data, self.clipping_norm, z, self._noise, norm=norm)
         self._releases_this_run += 1
-        round_epsilon = epsilon_spent([(z, 1)], self.target_delta, self.accountant)
+        if self._round_epsilon is None:
+            self._round_epsilon = epsilon_spent([(z, 1)], self.target_delta, self.accountant)
+        round_epsilon = self._round_epsilon
         run_epsilon = epsilon_spent([(z, self._releases_this_run)], self.target_delta, self.accountant)
         privacy = {
             "mechanism": "gaussian",

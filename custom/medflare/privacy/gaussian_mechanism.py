@@ -53,7 +53,15 @@ import numpy as np
 
 from medflare.privacy.argument_checks import check_real
 from medflare.privacy.noise_sources import GaussianNoiseSource
-from medflare.privacy.update_checks import UnsafeUpdateError, all_finite, as_numpy, check_update, is_floating, like_input
+from medflare.privacy.update_checks import (
+    UnsafeUpdateError,
+    all_finite,
+    as_numpy,
+    check_update,
+    is_floating,
+    l2_norm,
+    like_input,
+)
 
 __all__ = ["GaussianRelease", "l2_norm", "gaussian_release"]
 
@@ -73,18 +81,6 @@ class GaussianRelease:
     noise_std: float
 
 
-def l2_norm(update: Mapping) -> float:
-    """L2 norm of all floating-point entries together, accumulated in float64."""
-    total = 0.0
-    with np.errstate(over="ignore"):  # an overflowing norm is returned as inf and refused by the caller
-        for value in update.values():
-            if is_floating(value):
-                flat = as_numpy(value).reshape(-1)
-                # buffered float64 accumulation: no copy of the tensor, no BLAS threads
-                total += float(np.einsum("i,i->", flat, flat, dtype=np.float64))
-    return math.sqrt(total)
-
-
 def gaussian_release(
     update: Mapping,
     clipping_norm: float,
@@ -97,8 +93,9 @@ def gaussian_release(
     The caller's arrays are not modified. Peak extra memory is about one update (the output
     buffer, which the noise is drawn into) plus one chunk of the noise source.
 
-    ``norm`` is :func:`l2_norm` of ``update`` when the caller has already computed it (the
-    filter does, to refuse an overflowing update before touching the budget).
+    ``norm`` is :func:`l2_norm` of ``update`` when the caller has already passed ``update``
+    through :func:`check_update` and computed its norm (the filter does both, to refuse a bad or
+    overflowing update before touching the budget); neither is then done again.
 
     Raises:
         UnsafeUpdateError: malformed, empty or non-finite update, an update whose norm overflows,
@@ -107,8 +104,9 @@ def gaussian_release(
     """
     clip = check_real("clipping_norm", clipping_norm, 0.0, None, low_open=True)
     z = check_real("noise_multiplier", noise_multiplier, 0.0, None, low_open=True)
-    check_update(update)
-    norm = l2_norm(update) if norm is None else norm
+    if norm is None:
+        check_update(update)
+        norm = l2_norm(update)
     if not math.isfinite(norm):
         raise UnsafeUpdateError(f"update norm overflows ({norm}); nothing released")
     factor = 1.0 if norm <= clip else clip / norm

@@ -7,11 +7,12 @@ else (a bare number, a list, an empty mapping, NaN or infinite values) is refuse
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import numpy as np
 
-__all__ = ["UnsafeUpdateError", "check_update", "is_floating", "numel", "all_finite", "as_numpy", "like_input"]
+__all__ = ["UnsafeUpdateError", "check_update", "is_floating", "numel", "all_finite", "as_numpy", "l2_norm", "like_input"]
 
 
 class UnsafeUpdateError(ValueError):
@@ -52,6 +53,18 @@ def all_finite(value) -> bool:
 def as_numpy(value) -> np.ndarray:
     """The entry as a numpy array: no copy for arrays and CPU tensors (treat it as read-only)."""
     return value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
+
+
+def l2_norm(update: Mapping) -> float:
+    """L2 norm of all floating-point entries together, accumulated in float64."""
+    total = 0.0
+    with np.errstate(over="ignore"):  # an overflowing norm is returned as inf and refused by the caller
+        for value in update.values():
+            if is_floating(value):
+                flat = as_numpy(value).reshape(-1)
+                # buffered float64 accumulation: no copy of the tensor, no BLAS threads
+                total += float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+    return math.sqrt(total)
 
 
 def like_input(array: np.ndarray, original):

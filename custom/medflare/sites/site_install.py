@@ -23,6 +23,7 @@ reads ``privacy.json`` and ``resources.json`` when it starts: restart it after i
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -114,7 +115,7 @@ def _current_resources(local_dir: str) -> dict:
 
 
 def _merge_resources(current: dict, profile: Optional[SiteProfile], gpus: Optional[int], gpu_mem: Optional[float]) -> tuple[dict, list]:
-    merged = json.loads(json.dumps(current))
+    merged = copy.deepcopy(current)
     notes = []
     if profile is not None:
         fragment = profile.resources
@@ -123,8 +124,7 @@ def _merge_resources(current: dict, profile: Optional[SiteProfile], gpus: Option
                 merged[key] = value
         by_id = {c.get("id"): i for i, c in enumerate(merged.get("components", []))}
         components = list(merged.get("components", []))
-        for c in fragment.get("components", []):
-            c = json.loads(json.dumps(c))
+        for c in copy.deepcopy(fragment.get("components", [])):
             if c["id"] in by_id:
                 components[by_id[c["id"]]] = c
             else:

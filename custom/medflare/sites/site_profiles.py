@@ -28,11 +28,12 @@ the FLARE client starts.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 from dataclasses import dataclass
 from typing import Iterable, Optional
+
+from medflare.data.brats_layout import DataListError, read_json_object
 
 __all__ = [
     "PROFILE_FILES",
@@ -123,16 +124,12 @@ def resolve_profile(name_or_path: str) -> SiteProfile:
 
 
 def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise SiteProfileError(f"profile file missing: {path}")
     try:
-        with open(path) as f:
-            content = json.load(f)
-    except FileNotFoundError:
-        raise SiteProfileError(f"profile file missing: {path}") from None
-    except (OSError, ValueError) as e:
-        raise SiteProfileError(f"{path} is not readable JSON: {e}") from None
-    if not isinstance(content, dict):
-        raise SiteProfileError(f"{path} must hold a JSON object, got {type(content).__name__}")
-    return content
+        return read_json_object(path, "profile file")
+    except DataListError as e:
+        raise SiteProfileError(str(e)) from None
 
 
 def load_profile(folder: str, allow_list: Optional[Iterable[str]] = None) -> SiteProfile:
@@ -232,11 +229,10 @@ def check_resources_fragment(resources: dict, source: str) -> None:
     Raises:
         SiteProfileError: naming ``source`` and the entry at fault.
     """
-    for key in ("class_allow_list",):
-        if key in resources:
-            raise SiteProfileError(
-                f"{source}: {key!r} is set by the installer (NVFlare's defaults plus medflare's entries); remove it"
-            )
+    if "class_allow_list" in resources:
+        raise SiteProfileError(
+            f"{source}: 'class_allow_list' is set by the installer (NVFlare's defaults plus medflare's entries); remove it"
+        )
     components = resources.get("components", [])
     if not isinstance(components, list):
         raise SiteProfileError(f"{source}: 'components' must be a list")

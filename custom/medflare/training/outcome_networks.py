@@ -17,6 +17,7 @@ Outputs are logits: one for a binary outcome, ``K`` for ``K`` independent labels
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -66,13 +67,12 @@ class OutcomeNet(nn.Module):
             raise ValueError(f"clinical_hidden must be a list of ints >= 1, got {clinical_hidden!r}")
         if image_network is None and clinical_features == 0:
             raise ValueError("an OutcomeNet needs an image_network, clinical_features > 0, or both")
-        generator_state = None
-        if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-                raise ValueError(f"seed must be an int >= 0 or null, got {seed!r}")
-            generator_state = torch.random.get_rng_state()
-            torch.manual_seed(seed)
-        try:
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be an int >= 0 or null, got {seed!r}")
+        # as SeededSegResNet: a seed fixes the initial weights and leaves the global generator alone
+        with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+            if seed is not None:
+                torch.manual_seed(seed)
             self.image_net = None
             width = 0
             if image_network is not None:
@@ -93,9 +93,6 @@ class OutcomeNet(nn.Module):
                 width += previous
             self.dropout = nn.Dropout(dropout)
             self.head = nn.Linear(width, num_outputs)
-        finally:
-            if generator_state is not None:
-                torch.random.set_rng_state(generator_state)
         self.num_outputs = num_outputs
         self.clinical_features = clinical_features
 

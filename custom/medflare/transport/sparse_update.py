@@ -51,6 +51,7 @@ __all__ = [
     "SparseTensorDecomposer",
     "TENSOR_DTYPES",
     "decode_sparse",
+    "decode_sparse_with_masks",
     "encode_sparse",
     "index_dtype_for",
     "kept_masks",
@@ -302,13 +303,7 @@ def decode_sparse(
         SparsePayloadError: (a ``ValueError``) naming the first malformed tensor; nothing is
             decoded unless every tensor is well formed.
     """
-    positions = _checked_all(encoded, expected_shapes)
-    dense = {}
-    for name, tensor in encoded.items():
-        array = np.zeros(tensor.shape, dtype=np.dtype(tensor.dtype))
-        array.reshape(-1)[positions[name]] = tensor.values  # a fresh array: reshape is a view
-        dense[name] = array
-    return dense
+    return _dense(encoded, _checked_all(encoded, expected_shapes))
 
 
 def kept_masks(
@@ -322,7 +317,31 @@ def kept_masks(
     Raises:
         SparsePayloadError: as :func:`decode_sparse`.
     """
+    return _masks(encoded, _checked_all(encoded, expected_shapes))
+
+
+def decode_sparse_with_masks(
+    encoded: Mapping[str, SparseTensor], expected_shapes: Optional[Mapping[str, tuple]] = None
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """:func:`decode_sparse` and :func:`kept_masks` together, checking the payload once.
+
+    Raises:
+        SparsePayloadError: as :func:`decode_sparse`.
+    """
     positions = _checked_all(encoded, expected_shapes)
+    return _dense(encoded, positions), _masks(encoded, positions)
+
+
+def _dense(encoded: Mapping[str, SparseTensor], positions: dict) -> dict[str, np.ndarray]:
+    dense = {}
+    for name, tensor in encoded.items():
+        array = np.zeros(tensor.shape, dtype=np.dtype(tensor.dtype))
+        array.reshape(-1)[positions[name]] = tensor.values  # a fresh array: reshape is a view
+        dense[name] = array
+    return dense
+
+
+def _masks(encoded: Mapping[str, SparseTensor], positions: dict) -> dict[str, np.ndarray]:
     masks = {}
     for name, tensor in encoded.items():
         where = positions[name]

@@ -16,7 +16,6 @@ from nvflare.app_common.app_constant import AppConstants
 
 from medflare.filters.gaussian_privacy import PRIVACY_META_KEY, GaussianPrivacyFilter
 from medflare.filters.percentile_sharing import SHARING_META_KEY, PercentileSharingFilter
-from medflare.privacy import gaussian_mechanism
 from medflare.privacy.accounting import epsilon_spent
 from medflare.privacy.budget_ledger import LEDGER_FILE_NAME
 from medflare.privacy.update_checks import UnsafeUpdateError

@@ -1,0 +1,96 @@
+"""Small copies of the shipped jobs for the integration tests, and reading a job's results.
+
+A job is copied only to make it fit CI on two cores: a smaller SegResNet, one local epoch, small
+crops, optionally fewer rounds and a final-evaluation timeout in seconds instead of half an hour
+(so a site killed during a test is given up quickly). Workflows, aggregator, persistor, filters,
+executor and meta (scope included) are the job as shipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+from medflare.cli.run_job import set_num_rounds
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+JOBS_DIR = os.path.join(REPO, "jobs")
+SMALL_NETWORK = {"init_filters": 8, "blocks_down": [1, 1, 1], "blocks_up": [1, 1]}
+
+
+def shipped_jobs() -> list[str]:
+    """Names of every job folder in ``jobs/``."""
+    return sorted(n for n in os.listdir(JOBS_DIR) if os.path.isfile(os.path.join(JOBS_DIR, n, "meta.json")))
+
+
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_json(path, content):
+    with open(path, "w") as f:
+        json.dump(content, f, indent=2)
+
+
+def small_job(
+    job: str,
+    dest: str,
+    rounds: Optional[int] = None,
+    name: Optional[str] = None,
+    scope: Optional[str] = None,
+    final_eval_timeout: Optional[int] = None,
+) -> str:
+    """Copy ``jobs/<job>`` into ``dest/<name>``, shrunk for CI (see the module docstring);
+    ``rounds``, ``scope`` and ``final_eval_timeout`` (seconds) are set when given."""
+    name = name or job
+    target = os.path.join(dest, name)
+    if os.path.exists(target):
+        shutil.rmtree(target)
+    shutil.copytree(os.path.join(JOBS_DIR, job), target)
+    meta_path = os.path.join(target, "meta.json")
+    meta = load_json(meta_path)
+    meta["name"] = name
+    if scope is not None:
+        meta["scope"] = scope
+    save_json(meta_path, meta)
+    for app in meta["deploy_map"]:
+        config_dir = os.path.join(target, app, "config")
+        server_path = os.path.join(config_dir, "config_fed_server.json")
+        client_path = os.path.join(config_dir, "config_fed_client.json")
+        if os.path.isfile(server_path):
+            server = load_json(server_path)
+            if "model" in server:
+                server["model"]["args"].update(SMALL_NETWORK)
+            if "model_args" in server:
+                server["model_args"].update(SMALL_NETWORK)
+            if rounds is not None:
+                set_num_rounds(server, rounds)
+            if final_eval_timeout is not None:
+                for wf in server["workflows"]:
+                    if wf["path"].endswith("GlobalModelEval"):
+                        wf["args"]["validation_timeout"] = final_eval_timeout
+            save_json(server_path, server)
+        if os.path.isfile(client_path):
+            client = load_json(client_path)
+            for executor in client["executors"]:
+                args = executor["executor"]["args"]
+                args["model"]["args"].update(SMALL_NETWORK)
+                args.update({"local_epochs": 1, "roi_size": [16, 16, 16], "val_roi_size": [32, 32, 32]})
+            save_json(client_path, client)
+    return target
+
+
+def job_filters(job: str) -> list[str]:
+    """Class names of the result filters a shipped job brings itself, in order."""
+    client = load_json(os.path.join(JOBS_DIR, job, "app", "config", "config_fed_client.json"))
+    return [f["path"].rsplit(".", 1)[-1] for chain in client.get("task_result_filters", []) for f in chain["filters"]]
+
+
+def round_records(result_dir: str) -> list[dict]:
+    """The per-round records the server wrote (``medflare_metrics.jsonl``) in a downloaded result."""
+    path = os.path.join(result_dir, "workspace", "medflare_metrics.jsonl")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
