@@ -2,7 +2,7 @@
 VENV := .venv
 STAMP := $(VENV)/.medflare-installed
 
-.PHONY: setup demo test test-unit bench clean
+.PHONY: setup demo test test-unit bench bench-heart clean
 
 $(STAMP): setup.cfg pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -22,6 +22,9 @@ test-unit: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/privacy_filters.py
 	$(VENV)/bin/python benchmarks/aggregation.py
+
+bench-heart: $(STAMP)
+	$(VENV)/bin/python benchmarks/heart_disease.py
 
 clean:
 	rm -rf workspace .pytest_cache

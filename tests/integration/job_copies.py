@@ -13,16 +13,18 @@ import os
 import shutil
 from typing import Optional
 
-from medflare.cli.run_job import set_num_rounds
+from medflare.cli.run_job import job_data_kind, set_num_rounds
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOBS_DIR = os.path.join(REPO, "jobs")
 SMALL_NETWORK = {"init_filters": 8, "blocks_down": [1, 1, 1], "blocks_up": [1, 1]}
 
 
-def shipped_jobs() -> list[str]:
-    """Names of every job folder in ``jobs/``."""
-    return sorted(n for n in os.listdir(JOBS_DIR) if os.path.isfile(os.path.join(JOBS_DIR, n, "meta.json")))
+def shipped_jobs(data_kind: Optional[str] = None) -> list[str]:
+    """Names of every job folder in ``jobs/``, or of those training on ``data_kind`` data
+    (``"brats"``, ``"heart"`` or ``"cxr"``, see :func:`medflare.cli.run_job.job_data_kind`)."""
+    names = sorted(n for n in os.listdir(JOBS_DIR) if os.path.isfile(os.path.join(JOBS_DIR, n, "meta.json")))
+    return [n for n in names if data_kind is None or job_data_kind(os.path.join(JOBS_DIR, n)) == data_kind]
 
 
 def load_json(path):
@@ -43,9 +45,11 @@ def small_job(
     scope: Optional[str] = None,
     final_eval_timeout: Optional[int] = None,
 ) -> str:
-    """Copy ``jobs/<job>`` into ``dest/<name>``, shrunk for CI (see the module docstring);
-    ``rounds``, ``scope`` and ``final_eval_timeout`` (seconds) are set when given."""
+    """Copy ``jobs/<job>`` into ``dest/<name>``, shrunk for CI (see the module docstring; only
+    segmentation jobs have a network to shrink); ``rounds``, ``scope`` and
+    ``final_eval_timeout`` (seconds) are set when given."""
     name = name or job
+    shrink = job_data_kind(os.path.join(JOBS_DIR, job)) == "brats"
     target = os.path.join(dest, name)
     if os.path.exists(target):
         shutil.rmtree(target)
@@ -62,18 +66,18 @@ def small_job(
         client_path = os.path.join(config_dir, "config_fed_client.json")
         if os.path.isfile(server_path):
             server = load_json(server_path)
-            if "model" in server:
+            if shrink and "model" in server:
                 server["model"]["args"].update(SMALL_NETWORK)
-            if "model_args" in server:
+            if shrink and "model_args" in server:
                 server["model_args"].update(SMALL_NETWORK)
             if rounds is not None:
                 set_num_rounds(server, rounds)
             if final_eval_timeout is not None:
                 for wf in server["workflows"]:
-                    if wf["path"].endswith("GlobalModelEval"):
+                    if wf["path"].endswith(("GlobalModelEval", "CrossSiteModelEval")):
                         wf["args"]["validation_timeout"] = final_eval_timeout
             save_json(server_path, server)
-        if os.path.isfile(client_path):
+        if shrink and os.path.isfile(client_path):
             client = load_json(client_path)
             for executor in client["executors"]:
                 args = executor["executor"]["args"]

@@ -11,7 +11,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("script, expected", [("privacy_filters.py", "NVFlare PercentilePrivacy"), ("aggregation.py", "NVFlare InTimeAccumulateWeightedAggregator")])
+@pytest.mark.parametrize(
+    "script, expected",
+    [
+        ("privacy_filters.py", "NVFlare PercentilePrivacy"),
+        ("aggregation.py", "NVFlare InTimeAccumulateWeightedAggregator"),
+        ("heart_disease.py", "FLamby Fed-Heart-Disease through medflare on NVFlare"),
+    ],
+)
 def test_benchmark_quick_run(tmp_path, script, expected):
     out = tmp_path / "results.json"
     done = subprocess.run(
@@ -23,4 +30,8 @@ def test_benchmark_quick_run(tmp_path, script, expected):
     assert done.returncode == 0, done.stderr[-2000:]
     assert expected in done.stdout
     assert out.stat().st_size > 0
-    json.loads(out.read_text())
+    results = json.loads(out.read_text())
+    if script == "heart_disease.py":
+        # centralised baselines and every federated strategy, FedYogi and Gaussian DP included, were run
+        assert {"pooled", "local 0", "local 3", "fedavg", "fedyogi", "fedavg dp eps=10"} <= set(results["methods"])
+        assert all(0.0 <= m["mean"] <= 1.0 for m in results["methods"].values())

@@ -2,9 +2,11 @@
 
     medflare data brats --out DIR [--sites N] [--cases C] [--size S] [--seed K]
     medflare data heart --out DIR [--no-normalise]
+    medflare data cxr --out DIR [--sites N] [--cases C] [--size S] [--seed K] [--force]
     medflare run JOB_DIR [--sites N] [--rounds R] [--workspace DIR] [--data DIR] ...
     medflare budget show --workspace SITE_DIR [--delta D] [--accountant rdp|prv]
     medflare site profiles | install --workspace DIR [--profile P --data D] | show --workspace DIR
+    medflare report PATH [--metric auc] [--global-model best|final|KEY] [--out DIR]
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from medflare.cli.report import add_report_parser
 from medflare.cli.site import add_site_parser
 
 __all__ = ["main", "build_parser"]
@@ -41,14 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
     heart.add_argument("--out", required=True, help="folder to write site-1 (Cleveland) ... site-4 (VA Long Beach) into")
     heart.add_argument("--no-normalise", action="store_true", help="keep raw values (default: per-hospital standardisation)")
 
+    cxr = data_sub.add_parser(
+        "cxr", help="EXAM-style sites: chest X-rays rendered from a real chest CT, clinical values, oxygen outcomes"
+    )
+    cxr.add_argument("--out", required=True, help="folder to write site-1, site-2, ... into")
+    cxr.add_argument("--sites", type=int, default=4, help="number of hospitals (default 4)")
+    cxr.add_argument("--cases", type=int, default=80, help="typical patients per site; sites get 60-140%% of it")
+    cxr.add_argument("--size", type=int, default=64, help="image edge in pixels (default 64)")
+    cxr.add_argument("--seed", type=int, default=0)
+    cxr.add_argument("--force", action="store_true", help="regenerate even when matching data exists")
+
     run = sub.add_parser("run", help="run a job folder in the NVFlare simulator on local sites")
     run.add_argument("job", help="job folder, e.g. jobs/brats_fedavg")
-    run.add_argument("--sites", type=int, default=3, help="number of simulated sites (default 3)")
+    run.add_argument("--sites", type=int, default=None, help="number of simulated sites (default: BraTS 3, heart 4, cxr 4)")
     run.add_argument("--rounds", type=int, default=None, help="override the job's num_rounds (runs a patched copy)")
     run.add_argument("--workspace", default="workspace", help="where data, runs and plots go (default ./workspace)")
     run.add_argument("--data", default=None, help="use existing sites DIR/site-N/data_config.json instead of generating")
-    run.add_argument("--cases", type=int, default=12, help="generated subjects per site (default 12)")
-    run.add_argument("--size", type=int, default=48, help="generated volume edge in voxels (default 48)")
+    run.add_argument("--cases", type=int, default=None, help="typical generated cases per site (default: BraTS 12, cxr 80)")
+    run.add_argument("--size", type=int, default=None, help="generated volume / image edge in voxels (default: BraTS 48, cxr 64)")
     run.add_argument("--seed", type=int, default=0, help="seed of the generated data")
     run.add_argument("--threads", type=int, default=None, help="sites run in parallel (default: all)")
     run.add_argument("--gpu", default=None, help="GPU ids for the simulator, e.g. 0 or 0,1")
@@ -59,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--delta", type=float, default=None, help="delta to compute epsilon at (default: the ledger's)")
     show.add_argument("--accountant", choices=["rdp", "prv"], default=None)
     add_site_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
@@ -74,6 +88,15 @@ def _data(args) -> int:
         from medflare.data.heart_disease import write_heart_sites
 
         configs = write_heart_sites(args.out, normalise=not args.no_normalise)
+        for site, path in configs.items():
+            print(f"{site}: {path}")
+        return 0
+    if args.dataset == "cxr":
+        from medflare.data.cxr_synthetic import generate_cxr_sites
+
+        configs = generate_cxr_sites(
+            args.out, args.sites, args.cases, args.size, args.seed, reuse=not args.force, log=print
+        )
         for site, path in configs.items():
             print(f"{site}: {path}")
         return 0
@@ -116,10 +139,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from medflare.data.brats_layout import DataListError
 
     args = build_parser().parse_args(argv)
+    from medflare.cli.report import run_report_command
     from medflare.cli.site import run_site_command
     from medflare.sites.site_install import InstallError
 
-    handlers = {"data": _data, "run": _run, "budget": _budget, "site": run_site_command}
+    handlers = {"data": _data, "run": _run, "budget": _budget, "site": run_site_command, "report": run_report_command}
     try:
         return handlers[args.command](args)
     except (JobRunError, DataListError, InstallError, ValueError) as e:

@@ -5,8 +5,10 @@ Workspace layout (default ``./workspace``)::
     workspace/data/brats/site-N/...          generated BraTS-layout sites, reused when unchanged
     workspace/runs/<job>/simulator/          NVFlare simulator workspace (server and site folders)
     workspace/runs/<job>/simulator.log       everything the simulator printed
-    workspace/runs/<job>/dice_per_round.png  plot of the global model's Dice
+    workspace/runs/<job>/<metric>_per_round.png  plot of the global model per round (Dice, or AUC)
     workspace/runs/<job>/summary.txt         the closing table
+    workspace/runs/<job>/exam_report.md      EXAM's measures, for jobs whose cross-site evaluation
+                                             scored each site's own model (also .json, .csv, .png)
 
 The job folder is used unchanged; only ``--rounds`` makes a patched copy (``runs/<job>/job``).
 Sites find their data through ``MEDFLARE_DATA_CONFIG`` set for the simulator process, exactly
@@ -15,6 +17,7 @@ as a real site would through its environment or ``local/medflare_data.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,7 +29,7 @@ from typing import Optional
 
 from medflare.data.site_data_config import ENV_VAR
 
-__all__ = ["RunOptions", "run_job", "JobRunError", "set_num_rounds"]
+__all__ = ["RunOptions", "run_job", "JobRunError", "set_num_rounds", "job_data_kind", "DATA_KINDS"]
 
 
 class JobRunError(RuntimeError):
@@ -36,12 +39,12 @@ class JobRunError(RuntimeError):
 @dataclass
 class RunOptions:
     job_dir: str
-    sites: int = 3
+    sites: Optional[int] = None  # None: the job's data default (DATA_KINDS)
     rounds: Optional[int] = None
     workspace: str = "workspace"
     data_dir: Optional[str] = None
-    cases: int = 12
-    size: int = 48
+    cases: Optional[int] = None
+    size: Optional[int] = None
     seed: int = 0
     threads: Optional[int] = None
     gpu: Optional[str] = None
@@ -94,7 +97,31 @@ def _with_rounds(job_dir: str, rounds: int, run_dir: str) -> str:
     return copy_dir
 
 
-def _site_data(opts: RunOptions, log) -> str:
+#: the generated data each kind of job trains on, and its defaults
+DATA_KINDS = {
+    "brats": {"sites": 3, "cases": 12, "size": 48},
+    "heart": {"sites": 4, "cases": None, "size": None},  # four real hospitals
+    "cxr": {"sites": 4, "cases": 80, "size": 64},
+}
+
+
+def job_data_kind(job_dir: str) -> str:
+    """Which built-in data a job trains on, read from its client executor: ``"brats"`` for the
+    segmentation executor, ``"cxr"`` for the outcome executor with an image column, ``"heart"``
+    for it without one."""
+    meta = _read_json(os.path.join(job_dir, "meta.json"))
+    for app, targets in meta.get("deploy_map", {}).items():
+        if targets == ["server"]:
+            continue
+        config = _read_json(os.path.join(job_dir, app, "config", "config_fed_client.json"))
+        for entry in config.get("executors", []):
+            executor = entry.get("executor", {})
+            if str(executor.get("path", "")).endswith("OutcomeExecutor"):
+                return "cxr" if executor.get("args", {}).get("image_column") else "heart"
+    return "brats"
+
+
+def _site_data(opts: RunOptions, kind: str, log) -> str:
     """The ``MEDFLARE_DATA_CONFIG`` template for the simulated sites, generating data if needed."""
     if opts.data_dir:
         template = os.path.join(os.path.abspath(opts.data_dir), "{site_name}", "data_config.json")
@@ -103,11 +130,25 @@ def _site_data(opts: RunOptions, log) -> str:
             if not os.path.isfile(path):
                 raise JobRunError(f"--data {opts.data_dir}: no data configuration for site-{i} at {path}")
         return template
-    from medflare.data.brats_synthetic import generate_sites
-
-    data_root = os.path.abspath(os.path.join(opts.workspace, "data", "brats"))
+    data_root = os.path.abspath(os.path.join(opts.workspace, "data", kind))
+    defaults = DATA_KINDS[kind]
+    cases = opts.cases if opts.cases is not None else defaults["cases"]
+    size = opts.size if opts.size is not None else defaults["size"]
     start = time.time()
-    generate_sites(data_root, opts.sites, opts.cases, opts.size, opts.seed, log=log)
+    if kind == "heart":
+        from medflare.data.heart_disease import write_heart_sites
+
+        if opts.sites != 4:
+            raise JobRunError(f"the heart-disease data has 4 hospitals; --sites must be 4, got {opts.sites}")
+        write_heart_sites(data_root)
+    elif kind == "cxr":
+        from medflare.data.cxr_synthetic import generate_cxr_sites
+
+        generate_cxr_sites(data_root, opts.sites, cases, size, opts.seed, log=log)
+    else:
+        from medflare.data.brats_synthetic import generate_sites
+
+        generate_sites(data_root, opts.sites, cases, size, opts.seed, log=log)
     log(f"site data ready in {time.time() - start:.0f} s: {data_root}")
     return os.path.join(data_root, "{site_name}", "data_config.json")
 
@@ -134,6 +175,9 @@ def run_job(opts: RunOptions, log=_print) -> dict:
     job_dir = os.path.abspath(opts.job_dir.rstrip("/"))
     if not os.path.isfile(os.path.join(job_dir, "meta.json")):
         raise JobRunError(f"{opts.job_dir} is not a job folder (no meta.json)")
+    kind = job_data_kind(job_dir)
+    if opts.sites is None:
+        opts = dataclasses.replace(opts, sites=DATA_KINDS[kind]["sites"])
     if isinstance(opts.sites, bool) or not isinstance(opts.sites, int) or not 1 <= opts.sites <= 64:
         raise JobRunError(f"--sites must be in [1, 64], got {opts.sites!r}")
     meta = _read_json(os.path.join(job_dir, "meta.json"))
@@ -149,7 +193,7 @@ def run_job(opts: RunOptions, log=_print) -> dict:
         job_dir = _with_rounds(job_dir, opts.rounds, run_dir)
 
     env = dict(os.environ)
-    env[ENV_VAR] = _site_data(opts, log)
+    env[ENV_VAR] = _site_data(opts, kind, log)
     sim_ws = os.path.join(run_dir, "simulator")
     write_simulator_resources(sim_ws)
     threads = opts.threads or opts.sites
@@ -191,10 +235,20 @@ def run_job(opts: RunOptions, log=_print) -> dict:
     log(summary)
     with open(os.path.join(run_dir, "summary.txt"), "w") as f:
         f.write(summary + "\n")
-    plot = run_summary.plot_dice_per_round(
-        records, global_eval, os.path.join(run_dir, "dice_per_round.png"), title=f"{name}: global model Dice"
+    metric = "dice" if run_summary.metric_kind([r.get("global_model_metrics", {}) for r in records]) == "dice" else "auc"
+    plot = run_summary.plot_metrics_per_round(
+        records, global_eval, os.path.join(run_dir, f"{metric}_per_round.png"), title=f"{name}: global model per round"
     )
     log(f"plot: {plot}")
+    report_paths = {}
+    if metric == "auc" and any(not model.startswith("SRV_") for models in global_eval.values() for model in models):
+        # cross-site evaluation scored the sites' own models too: EXAM's measures
+        from medflare.reporting.cross_site_report import exam_measures, format_report, write_report
+
+        measures = exam_measures(global_eval, metric="auc")
+        log(format_report(measures))
+        report_paths = write_report(measures, run_dir)
+        log(f"report: {report_paths['md']}, heatmap: {report_paths['png']}")
     log(f"global models: {os.path.join(server_run_dir, 'app_server')}")
     return {
         "records": records,
@@ -202,6 +256,7 @@ def run_job(opts: RunOptions, log=_print) -> dict:
         "run_dir": run_dir,
         "server_run_dir": server_run_dir,
         "plot": plot,
+        "report": report_paths,
         "wall_seconds": wall,
     }
 

@@ -1,4 +1,4 @@
-"""Server-side record of each round: per-site loss, steps, timings and the global model's Dice.
+"""Server-side record of each round: per-site loss, steps, timings and the global model's metrics.
 
 :class:`RoundMetricsWriter` is an NVFlare component that listens to the FedAvg workflow's events
 and appends one JSON line per round to ``<run dir>/medflare_metrics.jsonl``. It reads only what
@@ -7,9 +7,9 @@ sites already send in their result's DXO meta (``initial_metrics``, ``train_loss
 so it sees exactly what the aggregator sees, in the
 simulator and in a real federation alike; the file travels with the job's downloaded result.
 
-The Dice reported for round ``r`` is that of the global model the sites received at the start
-of round ``r`` (after ``r`` aggregations), averaged over sites weighted by their number of
-validation cases.
+The metrics (Dice, or AUC and accuracy) reported for round ``r`` are those of the global model
+the sites received at the start of round ``r`` (after ``r`` aggregations), averaged over sites
+weighted by their number of validation cases.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ def _finite(value) -> bool:
 
 
 def weighted_mean_metrics(site_metrics: dict[str, dict]) -> dict[str, float]:
-    """Mean of each ``dice_*`` metric over sites, weighted by ``num_cases`` (1 when absent)."""
-    keys = sorted({k for m in site_metrics.values() for k in m if k.startswith("dice_")})
+    """Mean of each metric (``dice_*``, ``auc``, ``accuracy``, ...) over sites, weighted by
+    ``num_cases`` (1 when absent); a site's non-finite value is left out of that metric's mean."""
+    keys = sorted({k for m in site_metrics.values() for k in m if k != "num_cases" and _finite(m[k])})
     out = {}
     for key in keys:
         pairs = [(m[key], m.get("num_cases", 1)) for m in site_metrics.values() if _finite(m.get(key))]

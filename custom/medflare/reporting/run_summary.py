@@ -18,10 +18,28 @@ __all__ = [
     "format_round_line",
     "format_summary",
     "final_global_metrics",
-    "plot_dice_per_round",
+    "plot_metrics_per_round",
+    "metric_kind",
+    "METRIC_COLUMNS",
 ]
 
-_REGIONS = ("tc", "wt", "et")
+#: the metrics shown per kind of job: (key, column label)
+METRIC_COLUMNS = {
+    "dice": (("dice_mean", "mean"), ("dice_tc", "TC"), ("dice_wt", "WT"), ("dice_et", "ET")),
+    "outcome": (("auc", "AUC"), ("accuracy", "acc")),
+}
+
+
+def metric_kind(metrics: list[dict]) -> str:
+    """``"outcome"`` when the metrics are AUC / accuracy, else ``"dice"``."""
+    keys = {k for m in metrics for k in m}
+    return "outcome" if not any(k.startswith("dice_") for k in keys) and keys & {"auc", "accuracy"} else "dice"
+
+
+def _record_kind(records: list[dict], global_eval: Optional[dict] = None) -> str:
+    metrics = [r.get("global_model_metrics", {}) for r in records]
+    metrics += [m for models in (global_eval or {}).values() for m in models.values()]
+    return metric_kind(metrics)
 
 
 def read_round_records(path: str) -> list[dict]:
@@ -55,15 +73,18 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def format_round_line(record: dict) -> str:
-    """One progress line: round, each site's training loss, the global model's Dice."""
+    """One progress line: round, each site's training loss, the global model's Dice (or AUC and accuracy)."""
     sites = record.get("sites", {})
     losses = " ".join(f"{s}={_fmt(v.get('train_loss'))}" for s, v in sorted(sites.items()))
     g = record.get("global_model_metrics", {})
-    return (
-        f"round {record.get('round')}: train loss {losses} | global model Dice mean {_fmt(g.get('dice_mean'))} "
-        f"(TC {_fmt(g.get('dice_tc'))}, WT {_fmt(g.get('dice_wt'))}, ET {_fmt(g.get('dice_et'))}) "
-        f"| {_fmt(record.get('round_seconds'), 1)} s"
-    )
+    if _record_kind([record]) == "outcome":
+        scores = f"global model AUC {_fmt(g.get('auc'))}, accuracy {_fmt(g.get('accuracy'))}"
+    else:
+        scores = (
+            f"global model Dice mean {_fmt(g.get('dice_mean'))} "
+            f"(TC {_fmt(g.get('dice_tc'))}, WT {_fmt(g.get('dice_wt'))}, ET {_fmt(g.get('dice_et'))})"
+        )
+    return f"round {record.get('round')}: train loss {losses} | {scores} | {_fmt(record.get('round_seconds'), 1)} s"
 
 
 def _time_split(record: dict) -> tuple[float, float, float]:
@@ -76,58 +97,59 @@ def _time_split(record: dict) -> tuple[float, float, float]:
 
 
 def format_summary(records: list[dict], global_eval: dict, wall_seconds: Optional[float] = None) -> str:
-    """The closing table: Dice of the global model per round with the time split, then the
-    final and best global models scored at every site."""
-    lines = ["", "Global model Dice at the start of each round (weighted over sites' validation cases)"]
-    header = f"{'round':>5} {'mean':>6} {'TC':>6} {'WT':>6} {'ET':>6} {'round s':>8} {'train s':>8} {'val s':>6} {'other s':>8}"
+    """The closing table: the global model's metrics per round with the time split, then the
+    server's models scored at every site (each site's own model too, in cross-site evaluation)."""
+    kind = _record_kind(records, global_eval)
+    columns = METRIC_COLUMNS[kind]
+    name = "Dice" if kind == "dice" else "AUC and accuracy"
+    lines = ["", f"Global model {name} at the start of each round (weighted over sites' validation cases)"]
+    header = f"{'round':>5} " + " ".join(f"{label:>6}" for _, label in columns)
+    header += f" {'round s':>8} {'train s':>8} {'val s':>6} {'other s':>8}"
     lines += [header, "-" * len(header)]
     for r in records:
         g = r.get("global_model_metrics", {})
         train, val, other = _time_split(r)
         lines.append(
-            f"{r.get('round'):>5} {_fmt(g.get('dice_mean')):>6} {_fmt(g.get('dice_tc')):>6} {_fmt(g.get('dice_wt')):>6} "
-            f"{_fmt(g.get('dice_et')):>6} {_fmt(r.get('round_seconds'), 1):>8} {_fmt(train, 1):>8} {_fmt(val, 1):>6} {_fmt(other, 1):>8}"
+            f"{r.get('round'):>5} " + " ".join(f"{_fmt(g.get(key)):>6}" for key, _ in columns)
+            + f" {_fmt(r.get('round_seconds'), 1):>8} {_fmt(train, 1):>8} {_fmt(val, 1):>6} {_fmt(other, 1):>8}"
         )
     if global_eval:
-        lines += ["", "Final evaluation of the server's models at each site (Dice)"]
-        header = f"{'site':<10} {'model':<28} {'mean':>6} {'TC':>6} {'WT':>6} {'ET':>6}"
+        lines += ["", f"Final evaluation at each site ({name}; SRV_ models are the server's)"]
+        header = f"{'site':<10} {'model':<28} " + " ".join(f"{label:>6}" for _, label in columns)
         lines += [header, "-" * len(header)]
         for site in sorted(global_eval):
             for model, m in sorted(global_eval[site].items()):
-                lines.append(
-                    f"{site:<10} {model:<28} {_fmt(m.get('dice_mean')):>6} {_fmt(m.get('dice_tc')):>6} "
-                    f"{_fmt(m.get('dice_wt')):>6} {_fmt(m.get('dice_et')):>6}"
-                )
+                lines.append(f"{site:<10} {model:<28} " + " ".join(f"{_fmt(m.get(key)):>6}" for key, _ in columns))
     if wall_seconds is not None:
         lines += ["", f"wall time {wall_seconds:.0f} s"]
     return "\n".join(lines)
 
 
 def final_global_metrics(global_eval: dict, model_name: str = "SRV_FL_global_model.pt") -> dict[str, float]:
-    """Dice of one server model in the final evaluation, averaged over sites weighted by their
+    """Metrics of one server model in the final evaluation, averaged over sites weighted by their
     number of validation cases (as the per-round figures are)."""
     from medflare.reporting.round_metrics_writer import weighted_mean_metrics
 
     return weighted_mean_metrics({site: models[model_name] for site, models in global_eval.items() if model_name in models})
 
 
-def plot_dice_per_round(records: list[dict], global_eval: dict, path: str, title: str = "") -> str:
-    """Save a PNG of the global model's Dice per round (mean and per region), with the final
-    evaluation of the last global model as the last point."""
+def plot_metrics_per_round(records: list[dict], global_eval: dict, path: str, title: str = "") -> str:
+    """Save a PNG of the global model's Dice (mean and per region) or AUC and accuracy per
+    round, with the final evaluation of the last global model as the last point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    kind = _record_kind(records, global_eval)
+    styles = {
+        "dice": (("dice_mean", "mean", "-o"), ("dice_tc", "tumour core", "--"), ("dice_wt", "whole tumour", "--"), ("dice_et", "enhancing tumour", "--")),
+        "outcome": (("auc", "AUC", "-o"), ("accuracy", "accuracy", "--s")),
+    }[kind]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rounds = [r["round"] for r in records]
     final = final_global_metrics(global_eval)
-    for key, label, style in (
-        ("dice_mean", "mean", "-o"),
-        ("dice_tc", "tumour core", "--"),
-        ("dice_wt", "whole tumour", "--"),
-        ("dice_et", "enhancing tumour", "--"),
-    ):
+    for key, label, style in styles:
         xs = list(rounds)
         ys = [r.get("global_model_metrics", {}).get(key, math.nan) for r in records]
         if key in final:
@@ -136,11 +158,11 @@ def plot_dice_per_round(records: list[dict], global_eval: dict, path: str, title
         ys = [math.nan if y is None else y for y in ys]
         ax.plot(xs, ys, style, label=label)
     ax.set_xlabel("round (global model after this many aggregations)")
-    ax.set_ylabel("validation Dice")
+    ax.set_ylabel("validation Dice" if kind == "dice" else "test AUC / accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")
-    ax.set_title(title or "Global model Dice per round")
+    ax.set_title(title or "Global model per round")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -149,13 +149,16 @@ def _merge_resources(current: dict, profile: Optional[SiteProfile], gpus: Option
 
 
 def _data_config(data: str, data_root: Optional[str]) -> tuple[dict, list]:
-    """Read ``data`` (a site data configuration or a datalist) and check every file it names."""
+    """Read ``data`` (a site data configuration, a datalist or an outcome table) and check
+    every file it names."""
     path = os.path.abspath(data)
-    try:
-        content = read_json_object(path, "--data")
-    except DataListError as e:
-        raise InstallError(str(e)) from None
     base = os.path.dirname(path)
+    content = {}
+    if not path.lower().endswith(".csv"):
+        try:
+            content = read_json_object(path, "--data")
+        except DataListError as e:
+            raise InstallError(str(e)) from None
     if "datalist" in content and "training" not in content:
         if data_root is not None:
             raise InstallError(f"--data {data} is a site data configuration with its own data_root; drop --data-root")
@@ -168,10 +171,19 @@ def _data_config(data: str, data_root: Optional[str]) -> tuple[dict, list]:
         datalist = path
         root = os.path.abspath(data_root) if data_root is not None else base
     try:
-        training, validation = load_datalist(datalist, root, check_files=True)
+        if datalist.lower().endswith(".csv"):  # an outcome table (medflare.data.outcome_table)
+            from medflare.data.outcome_table import check_outcome_table
+
+            counts = check_outcome_table(datalist, root)
+            note = (
+                f"data: outcome table {datalist}: {counts['train']} training and {counts['test']} test cases, "
+                f"{counts['images']} images under {root}"
+            )
+        else:
+            training, validation = load_datalist(datalist, root, check_files=True)
+            note = f"data: {len(training)} training and {len(validation)} validation subjects, datalist {datalist}, images under {root}"
     except DataListError as e:
         raise InstallError(f"--data {data}: {e}") from None
-    note = f"data: {len(training)} training and {len(validation)} validation subjects, datalist {datalist}, images under {root}"
     return {"data_root": root, "datalist": datalist}, [note]
 
 

@@ -25,16 +25,22 @@ from torch import nn
 
 from medflare.training.model_spec import build_model
 
-__all__ = ["OutcomeNet"]
+__all__ = ["OutcomeNet", "IMAGE_NETWORK_PREFIXES"]
+
+#: where an image network may come from
+IMAGE_NETWORK_PREFIXES = ("monai.networks.nets.", "medflare.")
 
 
 class OutcomeNet(nn.Module):
     """Args:
         num_outputs: logits out: 1 for a binary outcome, K >= 2 for K labels.
         clinical_features: number of table inputs; 0 for image only.
-        image_network: ``{"path", "args"}`` of an image network; its output width is its
-            ``num_classes`` argument when given (MONAI's ResNet), else ``out_channels``, set to
-            ``image_features`` when absent (MONAI's DenseNet121). None for table only.
+        image_network: ``{"path", "args"}`` of an image network from MONAI
+            (``monai.networks.nets.*``) or medflare; its output width is its ``num_classes``
+            argument when given (MONAI's ResNet), else ``out_channels``, set to
+            ``image_features`` when absent (MONAI's DenseNet121). None for table only. In a job
+            config the spec carries ``"config_type": "dict"`` so that NVFlare passes it on
+            as written instead of building it.
         image_features: width of the image embedding when the network's args do not give it.
         clinical_hidden: widths of the table MLP's hidden layers ([] : the table goes straight
             to the head).
@@ -67,6 +73,15 @@ class OutcomeNet(nn.Module):
             raise ValueError(f"clinical_hidden must be a list of ints >= 1, got {clinical_hidden!r}")
         if image_network is None and clinical_features == 0:
             raise ValueError("an OutcomeNet needs an image_network, clinical_features > 0, or both")
+        if image_network is not None:
+            path = image_network.get("path") if isinstance(image_network, Mapping) else None
+            if not isinstance(path, str) or not path.startswith(IMAGE_NETWORK_PREFIXES):
+                # the spec is built here, not by NVFlare, so the site's class allow-list does not
+                # see it: only MONAI's and medflare's networks are accepted
+                raise ValueError(
+                    f"image_network must be {{'path': one of {list(IMAGE_NETWORK_PREFIXES)}..., 'args': {{...}}, "
+                    f"'config_type': 'dict'}}, got {image_network!r}"
+                )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"seed must be an int >= 0 or null, got {seed!r}")
         # as SeededSegResNet: a seed fixes the initial weights and leaves the global generator alone

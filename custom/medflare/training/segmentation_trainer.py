@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -18,29 +17,9 @@ import torch
 
 from medflare.training.brats_transforms import REGIONS, train_transforms, val_transforms
 from medflare.training.device import select_device, use_amp
+from medflare.training.model_weights import TrainResult, WeightMismatchError, get_weights, set_weights, weight_diff
 
 __all__ = ["SegmentationTrainer", "TrainResult", "WeightMismatchError"]
-
-
-class WeightMismatchError(ValueError):
-    """Weights that do not fit the model: missing or unexpected keys, or wrong shapes."""
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What one call of :meth:`SegmentationTrainer.train` did.
-
-    Attributes:
-        steps: optimizer steps taken.
-        mean_loss: mean training loss over those steps (NaN when no step was taken).
-        seconds: wall time spent.
-        aborted: True when ``should_abort`` stopped training early.
-    """
-
-    steps: int
-    mean_loss: float
-    seconds: float
-    aborted: bool
 
 
 def _unreadable_file_error(files: Sequence[Mapping]) -> Optional[ValueError]:
@@ -146,31 +125,13 @@ class SegmentationTrainer:
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """The model's state as numpy arrays on the CPU (copies)."""
-        return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+        return get_weights(self.model)
 
     def set_weights(self, weights: Mapping[str, object]) -> None:
-        """Load a full state (numpy arrays or tensors), refusing anything that does not fit exactly.
+        """Load a full state; raises :class:`WeightMismatchError` when it does not fit exactly."""
+        set_weights(self.model, weights)
 
-        Raises:
-            WeightMismatchError: naming missing keys, unexpected keys or the first bad shape.
-        """
-        state = self.model.state_dict()
-        missing = sorted(set(state) - set(weights))
-        unexpected = sorted(set(weights) - set(state))
-        if missing or unexpected:
-            raise WeightMismatchError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        new_state = {}
-        for key, ref in state.items():
-            value = torch.as_tensor(np.asarray(weights[key]) if not torch.is_tensor(weights[key]) else weights[key])
-            if tuple(value.shape) != tuple(ref.shape):
-                raise WeightMismatchError(f"weight {key!r} has shape {tuple(value.shape)}, the model needs {tuple(ref.shape)}")
-            new_state[key] = value.to(dtype=ref.dtype)
-        self.model.load_state_dict(new_state, strict=True)
-
-    @staticmethod
-    def weight_diff(after: Mapping[str, np.ndarray], before: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``after - before`` per key, in each entry's own dtype (float32 for parameters)."""
-        return {k: np.subtract(after[k], before[k]).astype(after[k].dtype, copy=False) for k in after}
+    weight_diff = staticmethod(weight_diff)
 
     # training ------------------------------------------------------------------------------
 

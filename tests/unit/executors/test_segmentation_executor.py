@@ -9,53 +9,25 @@ import pytest
 
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
-from nvflare.apis.fl_context import FLContext
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
-from nvflare.apis.workspace import Workspace
 from nvflare.app_common.app_constant import AppConstants
 
 from medflare.data.site_data_config import ENV_VAR, LOCAL_FILE_NAME
 from medflare.executors.segmentation_executor import SegmentationExecutor
 from medflare.training.model_spec import build_model
 from tests.conftest import TINY_SEGRESNET
+from tests.unit.executors.flare_objects import install_data, site_context, weights_task
 
 EXECUTOR_ARGS = dict(model=TINY_SEGRESNET, roi_size=[16, 16, 16], val_roi_size=[32, 32, 32], batch_size=2)
-
-
-def _context(tmp_path, site="site-1"):
-    root = tmp_path / site
-    (root / "local").mkdir(parents=True, exist_ok=True)
-    (root / "startup").mkdir(parents=True, exist_ok=True)
-    fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=True)
-    fl_ctx.set_prop(FLContextKey.WORKSPACE_OBJECT, Workspace(str(root), site), private=True, sticky=True)
-    return fl_ctx
-
-
-def _install_data(tmp_path, data_config, site="site-1"):
-    """What a site admin does: point local/medflare_data.json at the site's data."""
-    with open(data_config) as f:
-        cfg = json.load(f)
-    base = os.path.dirname(data_config)
-    cfg = {k: os.path.join(base, v) for k, v in cfg.items()}
-    path = tmp_path / site / "local" / LOCAL_FILE_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cfg))
-
-
-def _weights_task(weights, round_number=0):
-    task = DXO(data_kind=DataKind.WEIGHTS, data=weights).to_shareable()
-    task.set_header(AppConstants.CURRENT_ROUND, round_number)
-    return task
 
 
 @pytest.fixture()
 def ready(tmp_path, tiny_sites, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    _install_data(tmp_path, tiny_sites["site-1"])
-    fl_ctx = _context(tmp_path)
+    install_data(tmp_path, tiny_sites["site-1"])
+    fl_ctx = site_context(tmp_path)
     executor = SegmentationExecutor(**EXECUTOR_ARGS)
     executor.handle_event(EventType.START_RUN, fl_ctx)
     assert executor._trainer is not None
@@ -65,7 +37,7 @@ def ready(tmp_path, tiny_sites, monkeypatch):
 
 def test_train_returns_a_weight_diff_with_steps_and_metrics(ready):
     executor, fl_ctx, global_weights = ready
-    reply = executor.execute("train", _weights_task(global_weights), fl_ctx, Signal())
+    reply = executor.execute("train", weights_task(global_weights), fl_ctx, Signal())
     assert reply.get_return_code() == ReturnCode.OK
     dxo = from_shareable(reply)
     assert dxo.data_kind == DataKind.WEIGHT_DIFF
@@ -83,9 +55,9 @@ def test_train_returns_a_weight_diff_with_steps_and_metrics(ready):
 
 def test_validate_scores_the_given_model_without_disturbing_local_training(ready):
     executor, fl_ctx, global_weights = ready
-    executor.execute("train", _weights_task(global_weights), fl_ctx, Signal())
+    executor.execute("train", weights_task(global_weights), fl_ctx, Signal())
     local = executor._trainer.get_weights()
-    task = _weights_task(global_weights)
+    task = weights_task(global_weights)
     task.set_header(AppConstants.MODEL_OWNER, "server")
     reply = executor.execute("validate", task, fl_ctx, Signal())
     dxo = from_shareable(reply)
@@ -99,7 +71,7 @@ def test_submit_model_returns_the_local_model_once_trained(ready):
     executor, fl_ctx, global_weights = ready
     early = executor.execute("submit_model", Shareable(), fl_ctx, Signal())
     assert early.get_return_code() == ReturnCode.EXECUTION_RESULT_ERROR
-    executor.execute("train", _weights_task(global_weights), fl_ctx, Signal())
+    executor.execute("train", weights_task(global_weights), fl_ctx, Signal())
     dxo = from_shareable(executor.execute("submit_model", Shareable(), fl_ctx, Signal()))
     assert dxo.data_kind == DataKind.WEIGHTS
     assert not np.array_equal(dxo.data["convInit.conv.weight"], global_weights["convInit.conv.weight"])
@@ -114,7 +86,7 @@ def test_abort_signal_stops_the_task_and_sends_nothing(ready):
     executor, fl_ctx, global_weights = ready
     signal = Signal()
     signal.trigger("stop")
-    reply = executor.execute("train", _weights_task(global_weights), fl_ctx, signal)
+    reply = executor.execute("train", weights_task(global_weights), fl_ctx, signal)
     assert reply.get_return_code() == ReturnCode.TASK_ABORTED
     with pytest.raises(Exception):
         from_shareable(reply)
@@ -130,7 +102,7 @@ def test_abort_mid_training_is_honoured_between_batches(ready):
         return original(*args, **kwargs)
 
     executor._trainer.train = train_then_abort
-    reply = executor.execute("train", _weights_task(global_weights), fl_ctx, signal)
+    reply = executor.execute("train", weights_task(global_weights), fl_ctx, signal)
     assert reply.get_return_code() == ReturnCode.TASK_ABORTED
 
 
@@ -151,11 +123,11 @@ def test_bad_task_data_is_refused(ready, task):
 
 def test_missing_data_configuration_fails_every_task_naming_the_file(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    fl_ctx = _context(tmp_path, "site-7")
+    fl_ctx = site_context(tmp_path, "site-7")
     executor = SegmentationExecutor(**EXECUTOR_ARGS)
     with caplog.at_level(logging.ERROR):
         executor.handle_event(EventType.START_RUN, fl_ctx)
-        reply = executor.execute("train", _weights_task({"w": np.zeros(1)}), fl_ctx, Signal())
+        reply = executor.execute("train", weights_task({"w": np.zeros(1)}), fl_ctx, Signal())
     assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
     with pytest.raises(Exception):
         from_shareable(reply)
@@ -172,11 +144,11 @@ def test_corrupt_image_fails_naming_the_file(tmp_path, tiny_sites, monkeypatch, 
         first_image = site_dir / json.load(f)["training"][0]["image"][0]
     first_image.write_bytes(b"not a nifti file")
     monkeypatch.setenv(ENV_VAR, str(site_dir / "data_config.json"))
-    fl_ctx = _context(tmp_path, "site-2")
+    fl_ctx = site_context(tmp_path, "site-2")
     executor = SegmentationExecutor(**EXECUTOR_ARGS)
     with caplog.at_level(logging.ERROR):
         executor.handle_event(EventType.START_RUN, fl_ctx)
-        reply = executor.execute("validate", _weights_task({"w": np.zeros(1)}), fl_ctx, Signal())
+        reply = executor.execute("validate", weights_task({"w": np.zeros(1)}), fl_ctx, Signal())
     assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
     assert first_image.name in caplog.text
 

@@ -66,8 +66,28 @@ def test_final_metrics_average_over_sites_by_case_count():
 
 
 def test_plot_is_a_png(tmp_path):
-    path = run_summary.plot_dice_per_round(
+    path = run_summary.plot_metrics_per_round(
         [_record(0, 0.1), _record(1, 0.3)], {}, str(tmp_path / "dice.png"), title="t"
     )
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_outcome_jobs_show_auc_and_accuracy():
+    record = {
+        "round": 3,
+        "round_seconds": 2.0,
+        "sites": {"site-1": {"train_loss": 0.5}},
+        "global_model_metrics": {"auc": 0.8123, "accuracy": 0.75},
+    }
+    assert "global model AUC 0.812, accuracy 0.750" in run_summary.format_round_line(record)
+    evaluation = {"site-1": {"site-2": {"auc": 0.61, "accuracy": 0.5, "num_cases": 9}}}
+    rows = [r.split() for r in run_summary.format_summary([record], evaluation).splitlines()]
+    assert ["3", "0.812", "0.750", "2.0", "0.0", "0.0", "2.0"] in rows
+    assert ["site-1", "site-2", "0.610", "0.500"] in rows
+    assert "Dice" not in run_summary.format_summary([record], evaluation)
+
+
+def test_weighted_mean_covers_auc_and_accuracy():
+    out = weighted_mean_metrics({"a": {"auc": 0.6, "accuracy": 0.5, "num_cases": 1}, "b": {"auc": float("nan"), "accuracy": 0.9, "num_cases": 3}})
+    assert out == pytest.approx({"auc": 0.6, "accuracy": (0.5 + 2.7) / 4})

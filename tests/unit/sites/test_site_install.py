@@ -228,3 +228,23 @@ def test_command_line_install_show_and_refusal(tmp_path, tiny_sites, capsys):
 
     assert main(["site", "profiles"]) == 0
     assert "partial_sharing (default)" in capsys.readouterr().out
+
+
+def test_an_outcome_table_is_checked_and_installed(tmp_path):
+    from medflare.data.cxr_synthetic import generate_cxr_sites
+
+    configs = generate_cxr_sites(str(tmp_path / "cxr"), sites=3, cases=8, size=32)
+    ws = _workspace(tmp_path)
+    plan = install_site(str(ws), "research", configs["site-3"], gpus=0, gpu_memory_gib=0)  # a data config naming cases.csv
+    data = read_site_data_config(str(ws / "local" / "medflare_data.json"))
+    assert data.datalist == str(tmp_path / "cxr" / "site-3" / "cases.csv")
+    assert any("outcome table" in line and "test cases" in line for line in plan.summary)
+
+    # an image named in the table but missing is found before anything is written
+    table = tmp_path / "cxr" / "site-2" / "cases.csv"
+    first_image = table.read_text().splitlines()[1].split(",")[2]
+    os.remove(tmp_path / "cxr" / "site-2" / first_image)
+    other = _workspace(tmp_path, name="site-2")
+    with pytest.raises(InstallError, match=f"image .*{os.path.basename(first_image)} does not exist"):
+        install_site(str(other), "research", str(table), gpus=0, gpu_memory_gib=0)
+    assert not (other / "local" / "medflare_data.json").exists()

@@ -66,3 +66,18 @@ def test_a_seed_gives_the_same_initial_model_and_leaves_the_global_generator_alo
 def test_bad_arguments_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         OutcomeNet(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"path": "torch.nn.Linear", "args": {"in_features": 4, "out_features": 2}},
+        {"args": {}},
+        "monai.networks.nets.ResNet",
+    ],
+    ids=["not-monai-or-medflare", "no-path", "not-a-spec"],
+)
+def test_image_networks_come_only_from_monai_or_medflare(spec):
+    # the spec is built by OutcomeNet, not by NVFlare: the site's class allow-list never sees it
+    with pytest.raises(ValueError, match="image_network must be"):
+        OutcomeNet(1, 0, spec)

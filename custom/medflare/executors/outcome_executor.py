@@ -1,0 +1,177 @@
+"""NVFlare executor that trains an outcome classifier at a site: chest X-ray, clinical table, or both.
+
+It adapts :class:`medflare.training.outcome_trainer.OutcomeTrainer` to NVFlare's task contract
+(``train``, ``validate`` with AUC and accuracy, ``submit_model``; see
+:class:`~medflare.executors.site_training_executor.SiteTrainingExecutor`). EXAM's fused model,
+the plain chest X-ray classifier and a clinical-table model (FLamby's Fed-Heart-Disease
+logistic regression) differ only in the job's ``model`` and column arguments.
+
+The job names the columns, which are the model's inputs and outputs; the site's data
+configuration names the table (:mod:`medflare.data.outcome_table`), whose ``train`` cases are
+trained on and whose ``test`` cases are scored, locally and in cross-site evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+from nvflare.app_common.app_constant import AppConstants
+
+from medflare.executors.site_training_executor import SiteTrainingExecutor, check_positive_int
+from medflare.training.model_weights import TrainResult
+from medflare.training.outcome_trainer import NORMALISATIONS, OPTIMIZERS
+
+__all__ = ["OutcomeExecutor"]
+
+
+class OutcomeExecutor(SiteTrainingExecutor):
+    """Site-side outcome prediction for NVFlare.
+
+    Args:
+        model: ``{"path": "medflare.training.outcome_networks.OutcomeNet", "args": {...}}``
+            (or another module called as ``model(image=..., clinical=...)``); must match the
+            server's persistor and the columns below.
+        label_columns: the outcome columns (one: binary; several: multi-label).
+        clinical_columns: the clinical inputs in the model's order ([] for image only).
+        image_column: the column of image paths, or null for table only.
+        image_size: ``[H, W]`` radiographs are resized to.
+        local_epochs: passes over the local training cases per round (when ``local_steps`` is null).
+        local_steps: exactly this many optimizer steps per round, cycling through the data
+            (FLamby's ``num_updates``), or null.
+        batch_size: cases per step.
+        learning_rate: in (0, 1].
+        optimizer: ``"adam"`` or ``"sgd"``.
+        clinical_normalisation: ``"none"`` or ``"site"`` (standardise with the site's own
+            training mean and standard deviation, as FLamby prepares Fed-Heart-Disease).
+        device, seed, validate_global_model, local_model, task names: as for every medflare
+            executor (:class:`~medflare.executors.site_training_executor.SiteTrainingExecutor`);
+            ``local_model="site_only"`` gives cross-site evaluation EXAM's single-site models.
+
+    Raises:
+        ValueError: when an argument is out of range, or the model's declared inputs and
+            outputs do not match the columns (checked when the job is built).
+    """
+
+    key_metric = "auc"
+
+    def __init__(
+        self,
+        model,
+        label_columns: Sequence[str] = ("label",),
+        clinical_columns: Sequence[str] = (),
+        image_column: Optional[str] = None,
+        image_size: Sequence[int] = (64, 64),
+        local_epochs: int = 1,
+        local_steps: Optional[int] = None,
+        batch_size: int = 4,
+        learning_rate: float = 1e-3,
+        optimizer: str = "adam",
+        clinical_normalisation: str = "none",
+        device: str = "auto",
+        seed: int = 0,
+        validate_global_model: bool = True,
+        local_model: str = "last_round",
+        train_task_name: str = AppConstants.TASK_TRAIN,
+        validate_task_name: str = AppConstants.TASK_VALIDATION,
+        submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
+    ):
+        super().__init__(
+            model,
+            device=device,
+            seed=seed,
+            validate_global_model=validate_global_model,
+            local_model=local_model,
+            train_task_name=train_task_name,
+            validate_task_name=validate_task_name,
+            submit_model_task_name=submit_model_task_name,
+        )
+        for name, columns, allow_empty in (("label_columns", label_columns, False), ("clinical_columns", clinical_columns, True)):
+            if not isinstance(columns, (list, tuple)) or any(not isinstance(c, str) or not c for c in columns):
+                raise ValueError(f"{name} must be a list of column names, got {columns!r}")
+            if not columns and not allow_empty:
+                raise ValueError(f"{name} must name at least one column, got {columns!r}")
+        if image_column is not None and (not isinstance(image_column, str) or not image_column):
+            raise ValueError(f"image_column must be a column name or null, got {image_column!r}")
+        if image_column is None and not clinical_columns:
+            raise ValueError("the model needs inputs: give image_column, clinical_columns, or both")
+        if (
+            not isinstance(image_size, (list, tuple))
+            or len(image_size) != 2
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 8 for s in image_size)
+        ):
+            raise ValueError(f"image_size must be a list of two ints >= 8, got {image_size!r}")
+        check_positive_int("local_epochs", local_epochs)
+        check_positive_int("local_steps", local_steps, allow_none=True)
+        check_positive_int("batch_size", batch_size)
+        if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not 0 < learning_rate <= 1:
+            raise ValueError(f"learning_rate must be a number in (0, 1], got {learning_rate!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+        if clinical_normalisation not in NORMALISATIONS:
+            raise ValueError(f"clinical_normalisation must be one of {list(NORMALISATIONS)}, got {clinical_normalisation!r}")
+        self._check_model_fits(len(label_columns), len(clinical_columns), image_column is not None)
+
+        self.label_columns = list(label_columns)
+        self.clinical_columns = list(clinical_columns)
+        self.image_column = image_column
+        self.image_size = list(image_size)
+        self.local_epochs = local_epochs
+        self.local_steps = local_steps
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.optimizer = optimizer
+        self.clinical_normalisation = clinical_normalisation
+
+    def _check_model_fits(self, num_labels: int, num_clinical: int, uses_image: bool) -> None:
+        """Refuse, before the job runs, a model whose inputs or outputs contradict the columns.
+
+        NVFlare builds a ``{"path", "args"}`` model into the module before it reaches the
+        executor; either form of an ``OutcomeNet`` is checked, another module when it first runs.
+        """
+        import torch
+
+        if isinstance(self.model, torch.nn.Module):
+            if not all(hasattr(self.model, a) for a in ("num_outputs", "clinical_features", "uses_image")):
+                return
+            declared = (self.model.num_outputs, self.model.clinical_features, self.model.uses_image)
+        elif self.model["path"].endswith("OutcomeNet"):
+            args = self.model.get("args", {}) or {}
+            declared = (args.get("num_outputs", 1), args.get("clinical_features", 0), args.get("image_network") is not None)
+        else:
+            return
+        num_outputs, clinical_features, has_image = declared
+        if num_outputs != num_labels:
+            raise ValueError(f"the model has num_outputs={num_outputs!r} but label_columns names {num_labels} column(s)")
+        if clinical_features != num_clinical:
+            raise ValueError(
+                f"the model has clinical_features={clinical_features!r} but clinical_columns names {num_clinical} column(s)"
+            )
+        if has_image != uses_image:
+            raise ValueError(
+                f"the model {'has an' if has_image else 'has no'} image_network but image_column is "
+                f"{'null' if not uses_image else 'set'}; they must agree"
+            )
+
+    def _build_trainer(self, config, network):
+        from medflare.data.outcome_table import load_outcome_table
+        from medflare.training.outcome_trainer import OutcomeTrainer
+
+        cases = load_outcome_table(
+            config.datalist, config.data_root, self.clinical_columns, self.label_columns, self.image_column
+        )
+        return OutcomeTrainer(
+            network,
+            cases["train"],
+            cases["test"],
+            self.label_columns,
+            image_size=self.image_size,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            optimizer=self.optimizer,
+            clinical_normalisation=self.clinical_normalisation,
+            device=self.device,
+            seed=self.seed,
+        )
+
+    def _train_locally(self, trainer, should_abort: Callable[[], bool]) -> TrainResult:
+        return trainer.train(self.local_epochs, self.local_steps, should_abort)

@@ -1,0 +1,321 @@
+"""What every medflare training executor does with NVFlare's task contract, whatever it trains.
+
+In process with the FLARE client, a subclass supplies a trainer (its data, network and local
+training); this class answers the tasks:
+
+- ``train``: take the global ``WEIGHTS``, score them on the local validation/test data
+  (reported as ``initial_metrics`` for best-model selection), train locally and return a
+  ``WEIGHT_DIFF`` DXO whose meta carries ``NUM_STEPS_CURRENT_ROUND``, ``num_train_cases``,
+  the training loss and timings;
+- ``validate``: score the model in the task and return a ``METRICS`` DXO; the local model is
+  left as it was (cross-site evaluation scores other sites' models here);
+- ``submit_model``: return this site's local model, for NVFlare's cross-site evaluation:
+  by default (``local_model="last_round"``) the weights of its latest local training, i.e. the
+  global model plus one round of local steps; with ``local_model="site_only"`` a model the
+  site trains alongside, from the same initial weights and with the same steps each round, on
+  its own data alone and never sent during training. That is EXAM's single-site model (Dayan
+  et al. 2021), what the federated model is compared against (:mod:`medflare.reporting.cross_site_report`).
+
+It fails closed: where the data is comes from the site (:mod:`medflare.data.site_data_config`),
+never the job, and when the data cannot be found or read, every task fails with an error naming
+the file; a diverged update (non-finite loss or weights) is never sent.
+
+A trainer provides ``get_weights()``, ``set_weights(weights)`` (raising
+``WeightMismatchError``), ``weight_diff(after, before)``, ``validate(should_abort) -> dict |
+None``, ``num_train_cases`` and ``device``; the subclass's :meth:`_train_locally` runs one round.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.app_constant import AppConstants
+
+from medflare.training.model_weights import TrainResult, WeightMismatchError
+
+__all__ = ["SiteTrainingExecutor", "check_positive_int", "LOCAL_MODELS"]
+
+LOCAL_MODELS = ("last_round", "site_only")
+
+
+def check_positive_int(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "a positive int or null" if allow_none else "a positive int"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+class SiteTrainingExecutor(Executor):
+    """Base of the medflare executors; see the module docstring.
+
+    Args:
+        model: ``{"path": "...", "args": {...}}`` of the network (must match the server's
+            persistor), or a module (NVFlare builds such a dict into the module before it
+            reaches here).
+        device: ``"auto"`` (the site's GPU when present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        seed: seed of the local training's randomness.
+        validate_global_model: score the received global model before training each round.
+        local_model: what ``submit_model`` returns: ``"last_round"`` or ``"site_only"`` (see
+            the module docstring; doubles the local training time).
+        train_task_name, validate_task_name, submit_model_task_name: task names to answer.
+    """
+
+    #: the metric logged after each round (a key of the trainer's ``validate`` result)
+    key_metric = ""
+
+    def __init__(
+        self,
+        model,
+        device: str = "auto",
+        seed: int = 0,
+        validate_global_model: bool = True,
+        local_model: str = "last_round",
+        train_task_name: str = AppConstants.TASK_TRAIN,
+        validate_task_name: str = AppConstants.TASK_VALIDATION,
+        submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
+    ):
+        super().__init__()
+        if not isinstance(model, torch.nn.Module) and not (isinstance(model, dict) and isinstance(model.get("path"), str)):
+            raise ValueError(f"model must be {{'path': 'package.module.Class', 'args': {{...}}}}, got {model!r}")
+        if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        if not isinstance(validate_global_model, bool):
+            raise TypeError(f"validate_global_model must be true or false, got {validate_global_model!r}")
+        if local_model not in LOCAL_MODELS:
+            raise ValueError(f"local_model must be one of {list(LOCAL_MODELS)}, got {local_model!r}")
+        for name, value in (
+            ("train_task_name", train_task_name),
+            ("validate_task_name", validate_task_name),
+            ("submit_model_task_name", submit_model_task_name),
+        ):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        self.model = model
+        self.device = device
+        self.seed = seed
+        self.validate_global_model = validate_global_model
+        self.local_model = local_model
+        self.train_task_name = train_task_name
+        self.validate_task_name = validate_task_name
+        self.submit_model_task_name = submit_model_task_name
+
+        self._trainer = None
+        self._site_only_trainer = None  # local_model="site_only": trained on this site's data alone
+        self._site_only_started = False
+        self._setup_error: Optional[str] = None
+        self._local_weights: Optional[dict] = None
+
+    # what a subclass supplies ------------------------------------------------------------------
+
+    def _build_trainer(self, config, network: torch.nn.Module):
+        """The trainer for the site's data (``config``: a ``SiteDataConfig``) and ``network``."""
+        raise NotImplementedError
+
+    def _train_locally(self, trainer, should_abort: Callable[[], bool]) -> TrainResult:
+        """One round of local training with ``trainer``."""
+        raise NotImplementedError
+
+    def _build_network(self) -> torch.nn.Module:
+        """A fresh network for a trainer (a copy when NVFlare handed over a built module)."""
+        from medflare.training.model_spec import build_model
+
+        return copy.deepcopy(self.model) if isinstance(self.model, torch.nn.Module) else build_model(self.model)
+
+    # lifecycle -----------------------------------------------------------------------------
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN:
+            self._setup(fl_ctx)
+        elif event_type == EventType.END_RUN:
+            self._trainer = None
+            self._site_only_trainer = None
+
+    def _setup(self, fl_ctx: FLContext) -> None:
+        """Find the site's data and build the trainer; remember the reason if that fails."""
+        from medflare.data.site_data_config import resolve_site_data_config
+
+        site = fl_ctx.get_identity_name()
+        workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
+        local_dir = workspace.get_site_config_dir() if workspace is not None else None
+        source = "site data configuration"
+        try:
+            config = resolve_site_data_config(site, local_dir)
+            source = config.source
+            self._trainer = self._build_trainer(config, self._build_network())
+            if self.local_model == "site_only":
+                self._site_only_trainer = self._build_trainer(config, self._build_network())
+                self._site_only_started = False
+            self._setup_error = None
+            self.log_info(
+                fl_ctx,
+                f"{site}: {self._trainer.num_train_cases} training cases from {config.datalist}, "
+                f"device {self._trainer.device}",
+            )
+        except Exception as e:  # any failure here must stop the site from sending anything
+            self._trainer = None
+            self._setup_error = f"{site}: cannot load the site's data ({source}): {e}"
+            self.log_error(fl_ctx, self._setup_error)
+
+    # tasks ---------------------------------------------------------------------------------
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        handlers = {
+            self.train_task_name: self._train,
+            self.validate_task_name: self._validate,
+            self.submit_model_task_name: self._submit_model,
+        }
+        handler = handlers.get(task_name)
+        if handler is None:
+            self.log_error(fl_ctx, f"unknown task {task_name!r}; this executor answers {sorted(handlers)}")
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        if self._trainer is None:
+            if self._setup_error is None:
+                self._setup(fl_ctx)
+            if self._trainer is None:
+                self.log_error(fl_ctx, f"task {task_name!r} refused, nothing sent: {self._setup_error}")
+                return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        if abort_signal.triggered:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        try:
+            return handler(shareable, fl_ctx, abort_signal)
+        except Exception as e:
+            self.log_exception(fl_ctx, f"task {task_name!r} failed, nothing sent: {e}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def _global_weights(self, shareable: Shareable, fl_ctx: FLContext) -> Optional[dict]:
+        """The WEIGHTS in the task, or None (logged) when the task carries anything else."""
+        try:
+            dxo = from_shareable(shareable)
+        except Exception as e:
+            self.log_error(fl_ctx, f"task data is not a DXO: {e}")
+            return None
+        if dxo.data_kind != DataKind.WEIGHTS or not isinstance(dxo.data, dict) or not dxo.data:
+            self.log_error(fl_ctx, f"task data must be a non-empty {DataKind.WEIGHTS} DXO, got {dxo.data_kind}")
+            return None
+        return dxo.data
+
+    def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        weights = self._global_weights(shareable, fl_ctx)
+        if weights is None:
+            return make_reply(ReturnCode.BAD_TASK_DATA)
+        current_round = shareable.get_header(AppConstants.CURRENT_ROUND)
+        try:
+            self._trainer.set_weights(weights)
+        except WeightMismatchError as e:
+            self.log_error(fl_ctx, f"global model does not fit the local network: {e}")
+            return make_reply(ReturnCode.BAD_TASK_DATA)
+        global_weights = self._trainer.get_weights()
+
+        def should_abort() -> bool:
+            return abort_signal.triggered
+
+        meta = {}
+        validate_seconds = 0.0
+        if self.validate_global_model:
+            start = time.perf_counter()
+            metrics = self._trainer.validate(should_abort)
+            validate_seconds = time.perf_counter() - start
+            if metrics is None:
+                return make_reply(ReturnCode.TASK_ABORTED)
+            meta[MetaKey.INITIAL_METRICS] = metrics
+
+        result = self._train_locally(self._trainer, should_abort)
+        if result.aborted:
+            self.log_info(fl_ctx, f"round {current_round}: training aborted after {result.steps} steps")
+            return make_reply(ReturnCode.TASK_ABORTED)
+        if result.steps == 0:
+            self.log_error(fl_ctx, "no training step was taken (empty training set?); nothing sent")
+            return make_reply(ReturnCode.EXECUTION_RESULT_ERROR)
+        local_weights = self._trainer.get_weights()
+        diff = self._trainer.weight_diff(local_weights, global_weights)
+        bad = [k for k, v in diff.items() if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
+        if bad or not math.isfinite(result.mean_loss):
+            self.log_error(fl_ctx, f"training diverged (loss {result.mean_loss}, non-finite {bad[:3]}); nothing sent")
+            return make_reply(ReturnCode.EXECUTION_RESULT_ERROR)
+        self._local_weights = local_weights
+        if self._site_only_trainer is not None and not self._train_site_only(global_weights, should_abort, fl_ctx):
+            return make_reply(ReturnCode.TASK_ABORTED)
+
+        meta.update(
+            {
+                MetaKey.NUM_STEPS_CURRENT_ROUND: result.steps,
+                "train_loss": result.mean_loss,
+                "train_seconds": result.seconds,
+                "validate_seconds": validate_seconds,
+                "num_train_cases": self._trainer.num_train_cases,
+            }
+        )
+        initial = meta.get(MetaKey.INITIAL_METRICS, {})
+        self.log_info(
+            fl_ctx,
+            f"round {current_round}: {result.steps} steps, loss {result.mean_loss:.4f} in {result.seconds:.1f}s; "
+            f"global model {self.key_metric} {initial.get(self.key_metric, float('nan')):.4f}",
+        )
+        result = DXO(data_kind=DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
+        result.set_header(AppConstants.CURRENT_ROUND, current_round)  # filters and ledgers name the round
+        return result
+
+    def _validate(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        weights = self._global_weights(shareable, fl_ctx)
+        if weights is None:
+            return make_reply(ReturnCode.BAD_TASK_DATA)
+        owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
+        keep = self._trainer.get_weights()  # scoring another model must not disturb local training
+        try:
+            self._trainer.set_weights(weights)
+        except WeightMismatchError as e:
+            self.log_error(fl_ctx, f"model from {owner} does not fit the local network: {e}")
+            return make_reply(ReturnCode.BAD_TASK_DATA)
+        try:
+            metrics = self._trainer.validate(lambda: abort_signal.triggered)
+        finally:
+            self._trainer.set_weights(keep)
+        if metrics is None:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        self.log_info(fl_ctx, f"model of {owner}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return DXO(data_kind=DataKind.METRICS, data=metrics).to_shareable()
+
+    def _train_site_only(self, global_weights: dict, should_abort: Callable[[], bool], fl_ctx: FLContext) -> bool:
+        """One round of the site-only model: it starts from the first global model received and
+        is never sent during training. False when aborted."""
+        trainer = self._site_only_trainer
+        if not self._site_only_started:
+            trainer.set_weights(global_weights)
+            self._site_only_started = True
+        result = self._train_locally(trainer, should_abort)
+        if result.aborted:
+            return False
+        self.log_info(fl_ctx, f"site-only model: {result.steps} steps, loss {result.mean_loss:.4f} in {result.seconds:.1f}s")
+        return True
+
+    def _submit_model(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if self._site_only_trainer is not None:
+            if not self._site_only_started:
+                self.log_error(fl_ctx, "no site-only model to submit: this site has not trained in this run")
+                return make_reply(ReturnCode.EXECUTION_RESULT_ERROR)
+            weights = self._site_only_trainer.get_weights()
+            bad = [k for k, v in weights.items() if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
+            if bad:
+                self.log_error(fl_ctx, f"the site-only model diverged (non-finite {bad[:3]}); nothing sent")
+                return make_reply(ReturnCode.EXECUTION_RESULT_ERROR)
+            return DXO(data_kind=DataKind.WEIGHTS, data=weights).to_shareable()
+        if self._local_weights is None:
+            self.log_error(fl_ctx, "no local model to submit: this site has not trained in this run")
+            return make_reply(ReturnCode.EXECUTION_RESULT_ERROR)
+        return DXO(data_kind=DataKind.WEIGHTS, data=self._local_weights).to_shareable()

@@ -1,0 +1,253 @@
+"""Local training and scoring of an outcome classifier (image, clinical table, or both), without NVFlare.
+
+:class:`OutcomeTrainer` holds one site's cases in memory (radiographs resized once, clinical
+values as a matrix), trains an :class:`~medflare.training.outcome_networks.OutcomeNet` with
+binary cross-entropy on logits, and scores it on the site's test split:
+
+* **AUC**: area under the ROC curve per label (scikit-learn's ``roc_auc_score``); NaN for a
+  label whose test cases are all of one class, since the AUC is undefined there;
+* **accuracy**: share of cases with :math:`\\mathbb{1}[\\sigma(z) > 0.5] = y`, per label; this
+  is FLamby's Fed-Heart-Disease metric.
+
+With several labels (multi-label), ``auc`` and ``accuracy`` are the means over labels with a
+finite value (macro average), and ``auc_<label>`` / ``accuracy_<label>`` are reported too.
+
+Local training takes either whole passes over the data (``epochs``) or a fixed number of
+optimizer steps cycling through it (``steps``, FLamby's "num_updates" per round).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from medflare.data.outcome_table import OutcomeCase, read_xray
+from medflare.training.device import select_device
+from medflare.training.model_weights import TrainResult, get_weights, set_weights, weight_diff
+
+__all__ = ["OutcomeTrainer", "NORMALISATIONS", "OPTIMIZERS", "classification_metrics"]
+
+NORMALISATIONS = ("none", "site")
+OPTIMIZERS = ("adam", "sgd")
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, label_names: Sequence[str]) -> dict[str, float]:
+    """AUC and accuracy per label and their means over labels, as described in the module docstring.
+
+    Args:
+        labels: ``(N, K)`` of 0/1.
+        probabilities: ``(N, K)`` predicted probabilities.
+        label_names: the K names.
+    """
+    from sklearn.metrics import accuracy_score, roc_auc_score
+
+    labels = np.asarray(labels).reshape(len(labels), -1)
+    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(len(probabilities), -1)
+    aucs, accuracies = [], []
+    for k in range(labels.shape[1]):
+        y, p = labels[:, k], probabilities[:, k]
+        aucs.append(float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else math.nan)
+        accuracies.append(float(accuracy_score(y, (p > 0.5).astype(y.dtype))))
+    metrics = {}
+    if len(label_names) > 1:
+        for name, auc, acc in zip(label_names, aucs, accuracies):
+            metrics[f"auc_{name}"] = auc
+            metrics[f"accuracy_{name}"] = acc
+    finite = [a for a in aucs if math.isfinite(a)]
+    metrics["auc"] = float(np.mean(finite)) if finite else math.nan
+    metrics["accuracy"] = float(np.mean(accuracies))
+    return metrics
+
+
+class OutcomeTrainer:
+    """Trains and scores an outcome network on one site's cases.
+
+    Args:
+        model: an ``OutcomeNet`` (or any module ``model(image=..., clinical=...) -> logits``
+            with ``uses_image`` / ``uses_clinical`` attributes).
+        train_cases, test_cases: the site's split, from :func:`load_outcome_table`.
+        label_names: the label columns, for per-label metrics.
+        image_size: ``(H, W)`` the radiographs are resized to.
+        batch_size: cases per step.
+        learning_rate: in (0, 1].
+        optimizer: ``"adam"`` or ``"sgd"`` (plain SGD, as FLamby's federated strategies).
+        clinical_normalisation: ``"none"`` (values used as given) or ``"site"``
+            (standardised with this site's training mean and standard deviation; a constant
+            column is only centred).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        seed: seed of the shuffling.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        train_cases: Sequence[OutcomeCase],
+        test_cases: Sequence[OutcomeCase],
+        label_names: Sequence[str],
+        image_size: Sequence[int] = (64, 64),
+        batch_size: int = 4,
+        learning_rate: float = 1e-3,
+        optimizer: str = "adam",
+        clinical_normalisation: str = "none",
+        device: str = "auto",
+        seed: int = 0,
+    ):
+        _positive_int("batch_size", batch_size)
+        if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not 0 < learning_rate <= 1:
+            raise ValueError(f"learning_rate must be a number in (0, 1], got {learning_rate!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if clinical_normalisation not in NORMALISATIONS:
+            raise ValueError(f"clinical_normalisation must be one of {NORMALISATIONS}, got {clinical_normalisation!r}")
+        if not train_cases or not test_cases:
+            raise ValueError("train_cases and test_cases must both be non-empty")
+        if not isinstance(image_size, (list, tuple)) or len(image_size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 8 for s in image_size):
+            raise ValueError(f"image_size must be two ints >= 8, got {image_size!r}")
+        self.label_names = list(label_names)
+        self.uses_image = bool(getattr(model, "uses_image", True))
+        self.uses_clinical = bool(getattr(model, "uses_clinical", False))
+        num_outputs = getattr(model, "num_outputs", len(self.label_names))
+        for split, cases in (("train", train_cases), ("test", test_cases)):
+            widths = {len(c.labels) for c in cases}
+            if widths != {len(self.label_names)} or num_outputs != len(self.label_names):
+                raise ValueError(
+                    f"{split} cases carry {sorted(widths)} label(s) and the model {num_outputs} output(s); "
+                    f"label_names has {len(self.label_names)}"
+                )
+            if self.uses_image and any(c.image is None for c in cases):
+                raise ValueError(f"the model takes an image but {split} cases have none (no image column?)")
+        self.image_size = tuple(image_size)
+        self.device = select_device(device)
+        self.model = model.to(self.device)
+        self.batch_size = batch_size
+        self.seed = seed
+        if optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=learning_rate)
+        else:
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=learning_rate)
+        self.loss_fn = torch.nn.BCEWithLogitsLoss()
+
+        self.train_data = self._tensors(train_cases)
+        self.test_data = self._tensors(test_cases)
+        if self.uses_clinical and clinical_normalisation == "site":
+            clinical = self.train_data["clinical"]
+            mean = clinical.mean(dim=0)
+            std = clinical.std(dim=0, unbiased=False)
+            std = torch.where(std > 0, std, torch.ones_like(std))
+            for data in (self.train_data, self.test_data):
+                data["clinical"] = (data["clinical"] - mean) / std
+        self.num_train_cases = len(train_cases)
+        self.num_test_cases = len(test_cases)
+        self._generator = torch.Generator().manual_seed(seed)
+        self._order: list[int] = []
+
+    def _tensors(self, cases: Sequence[OutcomeCase]) -> dict[str, Optional[torch.Tensor]]:
+        data: dict[str, Optional[torch.Tensor]] = {
+            "labels": torch.tensor([c.labels for c in cases], dtype=torch.float32),
+            "clinical": torch.tensor([c.clinical for c in cases], dtype=torch.float32) if self.uses_clinical else None,
+            "image": None,
+        }
+        if self.uses_clinical and data["clinical"].shape[1] != getattr(self.model, "clinical_features", data["clinical"].shape[1]):
+            raise ValueError(
+                f"cases carry {data['clinical'].shape[1]} clinical values, the model takes {self.model.clinical_features}"
+            )
+        if self.uses_image:
+            data["image"] = torch.stack([self._load_image(c.image) for c in cases])
+        return data
+
+    def _load_image(self, path: str) -> torch.Tensor:
+        pixels = torch.from_numpy(read_xray(path))[None, None]
+        resized = torch.nn.functional.interpolate(pixels, size=self.image_size, mode="area")
+        return resized[0]  # (1, H, W)
+
+    # weights -------------------------------------------------------------------------------
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """The model's state as numpy arrays on the CPU (copies)."""
+        return get_weights(self.model)
+
+    def set_weights(self, weights: Mapping[str, object]) -> None:
+        """Load a full state; raises ``WeightMismatchError`` when it does not fit exactly."""
+        set_weights(self.model, weights)
+
+    weight_diff = staticmethod(weight_diff)
+
+    # training ------------------------------------------------------------------------------
+
+    def _batch(self, data, index) -> tuple[dict, torch.Tensor]:
+        inputs = {}
+        for key in ("image", "clinical"):
+            if data[key] is not None:
+                inputs[key] = data[key][index].to(self.device)
+        return inputs, data["labels"][index].to(self.device)
+
+    def _next_indices(self) -> torch.Tensor:
+        """The next batch of a shuffled pass; a new permutation starts when one is used up."""
+        if not self._order:
+            self._order = torch.randperm(self.num_train_cases, generator=self._generator).tolist()
+        batch, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        return torch.tensor(batch)
+
+    def train(
+        self, epochs: int = 1, steps: Optional[int] = None, should_abort: Callable[[], bool] = lambda: False
+    ) -> TrainResult:
+        """``epochs`` shuffled passes over the training cases, or exactly ``steps`` steps when given.
+
+        A step takes the next ``batch_size`` cases of the current shuffled pass (the last batch
+        of a pass may be smaller); ``steps`` runs across passes. ``should_abort`` is asked
+        before every step.
+        """
+        _positive_int("epochs", epochs)
+        if steps is not None:
+            _positive_int("steps", steps)
+        else:
+            self._order = []  # whole passes start fresh
+            steps = epochs * math.ceil(self.num_train_cases / self.batch_size)
+        start = time.perf_counter()
+        self.model.train()
+        total = 0.0
+        for step in range(steps):
+            if should_abort():
+                return TrainResult(step, total / step if step else math.nan, time.perf_counter() - start, True)
+            inputs, labels = self._batch(self.train_data, self._next_indices())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.model(**inputs), labels)
+            loss.backward()
+            self.optimizer.step()
+            total += float(loss.detach())
+        return TrainResult(steps, total / steps, time.perf_counter() - start, False)
+
+    # scoring -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, data: Optional[dict] = None, batch_size: int = 64) -> np.ndarray:
+        """Probabilities ``(N, K)`` for ``data`` (default: the test split)."""
+        data = self.test_data if data is None else data
+        self.model.eval()
+        n = len(data["labels"])
+        out = []
+        for start in range(0, n, batch_size):
+            inputs, _ = self._batch(data, torch.arange(start, min(n, start + batch_size)))
+            out.append(torch.sigmoid(self.model(**inputs).float()).cpu())
+        return torch.cat(out).numpy()
+
+    def validate(self, should_abort: Callable[[], bool] = lambda: False) -> Optional[dict[str, float]]:
+        """AUC and accuracy on the test split, plus ``num_cases``; None when aborted."""
+        if should_abort():
+            return None
+        probabilities = self.predict()
+        if not np.all(np.isfinite(probabilities)):
+            raise FloatingPointError("the model predicts non-finite probabilities")
+        metrics = classification_metrics(self.test_data["labels"].numpy().astype(np.int64), probabilities, self.label_names)
+        metrics["num_cases"] = self.num_test_cases
+        return metrics

@@ -1,0 +1,332 @@
+"""The outcome table reader and the radiograph reader: what a site's CSV and images turn into."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medflare.data.brats_layout import DataListError
+from medflare.data.outcome_table import OutcomeCase, load_outcome_table, read_xray
+
+CLINICAL = ["age", "spo2"]
+LABELS = ["o2_24h"]
+HEADER = ["case_id", "split", "image", "age", "spo2", "o2_24h"]
+
+
+def write_table(path, rows, header=HEADER):
+    """A CSV with ``header`` and ``rows`` (lists of cells), written as a site would."""
+    lines = [",".join(header)] + [",".join(str(cell) for cell in row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def write_png(path, array, mode=None):
+    Image.fromarray(array, mode=mode).save(path)
+    return str(path)
+
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", slope=1.0, intercept=0.0):
+    """A minimal single-frame 16-bit greyscale DICOM file with a modality LUT."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.RescaleSlope = slope
+    ds.RescaleIntercept = intercept
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return str(path)
+
+
+def gradient(shape=(12, 20), low=0, high=200, dtype=np.uint8):
+    """A non-square ramp along the columns, so a transposed or flipped read shows up."""
+    rows, cols = shape
+    ramp = np.linspace(low, high, cols).round().astype(dtype)
+    return np.tile(ramp, (rows, 1))
+
+
+def scaled(array):
+    array = array.astype(np.float64)
+    return (array - array.min()) / (array.max() - array.min())
+
+
+# --- load_outcome_table: valid tables -----------------------------------------------------
+
+
+@pytest.fixture
+def site(tmp_path):
+    """A data root with three images and a table naming them, train and test interleaved."""
+    (tmp_path / "images").mkdir()
+    for name in ("a", "b", "c"):
+        (tmp_path / "images" / f"{name}.png").write_bytes(b"")
+    rows = [
+        ["a", "train", "images/a.png", 71, 88.0, 1],
+        ["b", "test", "images/b.png", 45, 97.5, 0],
+        ["c", "train", "images/c.png", 60.5, "92", "0.0"],
+    ]
+    return tmp_path, write_table(tmp_path / "table.csv", rows)
+
+
+def test_a_table_with_images_gives_train_and_test_cases_in_file_order(site):
+    root, table = site
+    cases = load_outcome_table(table, str(root), CLINICAL, LABELS, image_column="image")
+    assert set(cases) == {"train", "test"}
+    assert cases["train"] == [
+        OutcomeCase("a", "train", os.path.join(str(root), "images", "a.png"), (71.0, 88.0), (1,)),
+        OutcomeCase("c", "train", os.path.join(str(root), "images", "c.png"), (60.5, 92.0), (0,)),
+    ]
+    assert cases["test"] == [OutcomeCase("b", "test", os.path.join(str(root), "images", "b.png"), (45.0, 97.5), (0,))]
+    assert all(os.path.isabs(c.image) for split in cases.values() for c in split)
+
+
+def test_a_table_only_model_ignores_images_and_keeps_the_column_order_of_the_job(site):
+    root, table = site
+    # columns in the job's order, not the file's; the image column is not looked at
+    cases = load_outcome_table(table, str(root), ["spo2", "age"], ["o2_24h"], image_column=None)
+    assert [c.case_id for c in cases["train"]] == ["a", "c"]
+    assert [c.clinical for c in cases["train"]] == [(88.0, 71.0), (92.0, 60.5)]
+    assert all(c.image is None for split in cases.values() for c in split)
+
+
+def test_a_table_without_an_image_column_at_all_and_several_labels(tmp_path):
+    table = write_table(
+        tmp_path / "t.csv",
+        [["x1", "train", 3, 1, 0], ["x2", "test", 4, 0, 1]],
+        header=["case_id", "split", "age", "l1", "l2"],
+    )
+    cases = load_outcome_table(table, str(tmp_path), ["age"], ["l1", "l2"])
+    assert cases["train"][0].labels == (1, 0)
+    assert cases["test"][0].labels == (0, 1)
+
+
+def test_an_image_only_model_may_have_no_clinical_columns(site):
+    root, table = site
+    cases = load_outcome_table(table, str(root), [], LABELS, image_column="image")
+    assert [c.clinical for c in cases["train"]] == [(), ()]
+
+
+# --- load_outcome_table: the site's data is wrong -----------------------------------------
+
+
+GOOD_ROWS = [
+    ["a", "train", "images/a.png", 71, 88.0, 1],
+    ["b", "test", "images/b.png", 45, 97.5, 0],
+]
+
+
+def replace(row_index, column, value):
+    rows = [list(r) for r in GOOD_ROWS]
+    rows[row_index][HEADER.index(column)] = value
+    return rows
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (replace(1, "age", ""), "line 3 (case 'b'): column 'age' is empty"),
+        (replace(0, "spo2", "high"), "line 2 (case 'a'): column 'spo2' is not a number: 'high'"),
+        (replace(1, "spo2", "nan"), "line 3 (case 'b'): column 'spo2' is not finite: 'nan'"),
+        (replace(0, "age", "inf"), "line 2 (case 'a'): column 'age' is not finite: 'inf'"),
+        (replace(0, "o2_24h", "2"), "line 2 (case 'a'): label 'o2_24h' must be 0 or 1, got '2'"),
+        (replace(1, "o2_24h", "yes"), "line 3 (case 'b'): label 'o2_24h' must be 0 or 1, got 'yes'"),
+        (replace(1, "o2_24h", ""), "line 3 (case 'b'): label 'o2_24h' must be 0 or 1, got ''"),
+        (replace(1, "case_id", "a"), "line 3 (case 'a'): case_id appears twice"),
+        (replace(0, "case_id", " "), "line 2 (case ''): empty case_id"),
+        (replace(1, "split", "valid"), "line 3 (case 'b'): split must be one of ['train', 'test'], got 'valid'"),
+        (replace(1, "split", "train"), "has no 'test' cases"),
+        (replace(0, "split", "test"), "has no 'train' cases"),
+        (replace(1, "image", "images/missing.png"), "line 3 (case 'b'): image {root}/images/missing.png does not exist"),
+        (replace(0, "image", ""), "line 2 (case 'a'): no image in column 'image'"),
+    ],
+)
+def test_a_bad_value_names_the_file_the_line_the_case_and_the_column(tmp_path, rows, message):
+    (tmp_path / "images").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "images" / f"{name}.png").write_bytes(b"")
+    table = write_table(tmp_path / "table.csv", rows)
+    with pytest.raises(DataListError) as raised:
+        load_outcome_table(table, str(tmp_path), CLINICAL, LABELS, image_column="image")
+    assert table in str(raised.value)
+    assert message.format(root=tmp_path) in str(raised.value)
+
+
+def test_a_missing_file_is_named(tmp_path):
+    path = str(tmp_path / "absent.csv")
+    with pytest.raises(DataListError, match=re.escape(f"outcome table {path} does not exist")):
+        load_outcome_table(path, str(tmp_path), CLINICAL, LABELS)
+
+
+@pytest.mark.parametrize("content", ["", ",".join(HEADER) + "\n"], ids=["empty", "header-only"])
+def test_a_table_without_cases_is_refused(tmp_path, content):
+    path = tmp_path / "t.csv"
+    path.write_text(content)
+    with pytest.raises(DataListError, match=re.escape(f"outcome table {path} has no cases")):
+        load_outcome_table(str(path), str(tmp_path), CLINICAL, LABELS)
+
+
+def test_missing_columns_are_all_listed(tmp_path):
+    table = write_table(tmp_path / "t.csv", [["a", "train", 70], ["b", "test", 50]], header=["case_id", "split", "age"])
+    with pytest.raises(DataListError) as raised:
+        load_outcome_table(table, str(tmp_path), CLINICAL, ["o2_24h", "o2_72h"], image_column="image")
+    message = str(raised.value)
+    assert table in message
+    assert "lacks column(s) ['image', 'spo2', 'o2_24h', 'o2_72h']" in message
+    assert "it has ['case_id', 'split', 'age']" in message
+
+
+# --- load_outcome_table: the job's column arguments are wrong -----------------------------
+
+
+@pytest.mark.parametrize(
+    "clinical, labels, image, message",
+    [
+        (CLINICAL, [], None, "label_columns must name at least one column"),
+        (["age", "o2_24h"], ["o2_24h"], None, r"columns \['o2_24h'\] are named both as clinical inputs and as labels"),
+        ([], LABELS, None, "clinical_columns must name at least one column"),
+        (["age", "age"], LABELS, None, "clinical_columns names a column twice"),
+        (["age", ""], LABELS, None, "clinical_columns must be a list of column names"),
+        ("age", LABELS, None, "clinical_columns must be a list of column names, got 'age'"),
+        (CLINICAL, LABELS, "", "image_column must be a column name or null, got ''"),
+    ],
+)
+def test_bad_job_arguments_are_the_jobs_fault_not_the_sites(tmp_path, clinical, labels, image, message):
+    # the file does not exist: the arguments are checked before the site's data is touched
+    with pytest.raises(ValueError, match=message) as raised:
+        load_outcome_table(str(tmp_path / "absent.csv"), str(tmp_path), clinical, labels, image_column=image)
+    assert not isinstance(raised.value, DataListError)
+
+
+# --- read_xray ----------------------------------------------------------------------------
+
+
+def assert_unit_range(image, shape):
+    assert image.dtype == np.float32
+    assert image.shape == shape
+    assert image.min() == 0.0 and image.max() == 1.0
+
+
+def test_an_8_bit_png_is_scaled_by_its_own_range_without_transposing(tmp_path):
+    array = gradient((12, 20), low=40, high=140)
+    array[3, 17] = 250  # the one bright pixel
+    image = read_xray(write_png(tmp_path / "x.png", array))
+    assert_unit_range(image, (12, 20))
+    assert np.unravel_index(image.argmax(), image.shape) == (3, 17)
+    np.testing.assert_allclose(image, scaled(array), atol=1e-6)
+
+
+def test_a_16_bit_png_keeps_its_full_depth(tmp_path):
+    array = gradient((10, 16), low=0, high=1000, dtype=np.uint16)
+    array[7, 2] = 65535
+    path = write_png(tmp_path / "x16.png", array)
+    with Image.open(path) as written:
+        assert written.mode == "I;16"
+    image = read_xray(path)
+    assert_unit_range(image, (10, 16))
+    assert np.unravel_index(image.argmax(), image.shape) == (7, 2)
+    # 1000/65535 is far below one 8-bit level: a read through 8 bits would lose the ramp
+    np.testing.assert_allclose(image, scaled(array), atol=1e-6)
+    assert 0 < image[0, 1] < 1 / 255
+
+
+def test_a_colour_png_is_converted_to_luminance(tmp_path):
+    rgb = np.zeros((9, 11, 3), dtype=np.uint8)
+    rgb[..., :] = 30
+    rgb[0, 0] = (255, 0, 0)
+    rgb[4, 5] = (0, 255, 0)
+    rgb[8, 10] = (255, 255, 255)
+    image = read_xray(write_png(tmp_path / "rgb.png", rgb))
+    assert_unit_range(image, (9, 11))
+    assert image[8, 10] == 1.0
+    assert image[0, 0] > 0 and image[4, 5] > image[0, 0]  # green is brighter than red to the eye
+    expected = scaled(np.asarray(Image.fromarray(rgb).convert("L")))
+    np.testing.assert_allclose(image, expected, atol=1e-6)
+
+
+def test_a_dicom_goes_through_the_modality_lut(tmp_path):
+    raw = gradient((12, 16), low=100, high=3000, dtype=np.uint16)
+    raw[2, 13] = 4000
+    image = read_xray(write_dicom(tmp_path / "x.dcm", raw, slope=2.0, intercept=-100.0))
+    assert_unit_range(image, (12, 16))
+    assert np.unravel_index(image.argmax(), image.shape) == (2, 13)
+    # a positive linear LUT leaves the image the same after scaling by its own range
+    np.testing.assert_allclose(image, scaled(raw), atol=1e-6)
+
+
+def test_monochrome1_is_inverted_so_bone_is_bright_in_both(tmp_path):
+    raw = gradient((10, 12), low=0, high=2000, dtype=np.uint16)
+    raw[5, 6] = 4000
+    mono2 = read_xray(write_dicom(tmp_path / "m2.dcm", raw, "MONOCHROME2"))
+    mono1 = read_xray(write_dicom(tmp_path / "m1.dcm", raw, "MONOCHROME1"))
+    assert mono2[5, 6] == 1.0 and mono1[5, 6] == 0.0
+    np.testing.assert_allclose(mono1, 1.0 - mono2, atol=1e-6)
+
+
+def test_a_dicom_is_recognised_by_its_preamble_without_the_extension(tmp_path):
+    raw = gradient((8, 10), low=0, high=500, dtype=np.uint16)
+    path = write_dicom(tmp_path / "radiograph", raw, slope=2.0, intercept=-100.0)
+    with open(path, "rb") as f:
+        assert f.read(132)[128:] == b"DICM"
+    np.testing.assert_allclose(read_xray(path), scaled(raw), atol=1e-6)
+
+
+def test_a_constant_image_becomes_zeros(tmp_path):
+    image = read_xray(write_png(tmp_path / "flat.png", np.full((10, 10), 77, dtype=np.uint8)))
+    assert image.shape == (10, 10)
+    assert np.all(image == 0.0)
+
+
+def test_a_corrupt_file_is_named(tmp_path):
+    path = tmp_path / "broken.png"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    with pytest.raises(DataListError, match=re.escape(f"cannot read image {path}")):
+        read_xray(str(path))
+
+
+def test_a_file_named_dcm_that_is_not_dicom_is_named(tmp_path):
+    path = tmp_path / "fake.dcm"
+    path.write_bytes(b"not a dicom file at all" * 10)
+    with pytest.raises(DataListError, match=re.escape(f"cannot read image {path}")):
+        read_xray(str(path))
+
+
+def test_a_missing_image_is_named(tmp_path):
+    path = tmp_path / "gone.png"
+    with pytest.raises(DataListError, match=re.escape(f"cannot read image {path}")):
+        read_xray(str(path))
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (7, 30), (30, 7)])
+def test_a_too_small_image_is_named(tmp_path, shape):
+    path = write_png(tmp_path / "tiny.png", gradient(shape))
+    with pytest.raises(DataListError, match=re.escape(f"image {path} must be one 2D greyscale image of at least 8x8")):
+        read_xray(path)
+
+
+def test_a_multi_frame_dicom_is_refused(tmp_path):
+    import pydicom
+
+    path = write_dicom(tmp_path / "x.dcm", gradient((8, 8), dtype=np.uint16))
+    ds = pydicom.dcmread(path)
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(DataListError, match=re.escape(f"image {path} must be a single-frame greyscale DICOM")):
+        read_xray(path)
