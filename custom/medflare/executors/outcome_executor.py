@@ -19,7 +19,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from medflare.executors.site_training_executor import SiteTrainingExecutor, check_positive_int
 from medflare.training.model_weights import TrainResult
-from medflare.training.outcome_trainer import NORMALISATIONS, OPTIMIZERS
+from medflare.training.outcome_trainer import check_training_arguments
 
 __all__ = ["OutcomeExecutor"]
 
@@ -94,21 +94,9 @@ class OutcomeExecutor(SiteTrainingExecutor):
             raise ValueError(f"image_column must be a column name or null, got {image_column!r}")
         if image_column is None and not clinical_columns:
             raise ValueError("the model needs inputs: give image_column, clinical_columns, or both")
-        if (
-            not isinstance(image_size, (list, tuple))
-            or len(image_size) != 2
-            or any(isinstance(s, bool) or not isinstance(s, int) or s < 8 for s in image_size)
-        ):
-            raise ValueError(f"image_size must be a list of two ints >= 8, got {image_size!r}")
         check_positive_int("local_epochs", local_epochs)
         check_positive_int("local_steps", local_steps, allow_none=True)
-        check_positive_int("batch_size", batch_size)
-        if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not 0 < learning_rate <= 1:
-            raise ValueError(f"learning_rate must be a number in (0, 1], got {learning_rate!r}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
-        if clinical_normalisation not in NORMALISATIONS:
-            raise ValueError(f"clinical_normalisation must be one of {list(NORMALISATIONS)}, got {clinical_normalisation!r}")
+        check_training_arguments(image_size, batch_size, learning_rate, optimizer, clinical_normalisation)
         self._check_model_fits(len(label_columns), len(clinical_columns), image_column is not None)
 
         self.label_columns = list(label_columns)

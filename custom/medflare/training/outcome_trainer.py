@@ -29,7 +29,7 @@ from medflare.data.outcome_table import OutcomeCase, read_xray
 from medflare.training.device import select_device
 from medflare.training.model_weights import TrainResult, get_weights, set_weights, weight_diff
 
-__all__ = ["OutcomeTrainer", "NORMALISATIONS", "OPTIMIZERS", "classification_metrics"]
+__all__ = ["OutcomeTrainer", "NORMALISATIONS", "OPTIMIZERS", "check_training_arguments", "classification_metrics"]
 
 NORMALISATIONS = ("none", "site")
 OPTIMIZERS = ("adam", "sgd")
@@ -39,6 +39,24 @@ def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def check_training_arguments(image_size, batch_size, learning_rate, optimizer, clinical_normalisation) -> None:
+    """Refuse out-of-range training arguments, naming the argument, the value and what is allowed
+    (the executor calls this when the job is built, before any data is read)."""
+    if (
+        not isinstance(image_size, (list, tuple))
+        or len(image_size) != 2
+        or any(isinstance(s, bool) or not isinstance(s, int) or s < 8 for s in image_size)
+    ):
+        raise ValueError(f"image_size must be a list of two ints >= 8, got {image_size!r}")
+    _positive_int("batch_size", batch_size)
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not 0 < learning_rate <= 1:
+        raise ValueError(f"learning_rate must be a number in (0, 1], got {learning_rate!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+    if clinical_normalisation not in NORMALISATIONS:
+        raise ValueError(f"clinical_normalisation must be one of {list(NORMALISATIONS)}, got {clinical_normalisation!r}")
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, label_names: Sequence[str]) -> dict[str, float]:
@@ -102,17 +120,9 @@ class OutcomeTrainer:
         device: str = "auto",
         seed: int = 0,
     ):
-        _positive_int("batch_size", batch_size)
-        if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not 0 < learning_rate <= 1:
-            raise ValueError(f"learning_rate must be a number in (0, 1], got {learning_rate!r}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-        if clinical_normalisation not in NORMALISATIONS:
-            raise ValueError(f"clinical_normalisation must be one of {NORMALISATIONS}, got {clinical_normalisation!r}")
+        check_training_arguments(image_size, batch_size, learning_rate, optimizer, clinical_normalisation)
         if not train_cases or not test_cases:
             raise ValueError("train_cases and test_cases must both be non-empty")
-        if not isinstance(image_size, (list, tuple)) or len(image_size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 8 for s in image_size):
-            raise ValueError(f"image_size must be two ints >= 8, got {image_size!r}")
         self.label_names = list(label_names)
         self.uses_image = bool(getattr(model, "uses_image", True))
         self.uses_clinical = bool(getattr(model, "uses_clinical", False))

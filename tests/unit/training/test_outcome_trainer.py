@@ -385,10 +385,10 @@ def test_a_different_seed_shuffles_differently():
         (dict(learning_rate="0.1"), "learning_rate must be a number in"),
         (dict(optimizer="rmsprop"), "optimizer must be one of .*got 'rmsprop'"),
         (dict(clinical_normalisation="global"), "clinical_normalisation must be one of .*got 'global'"),
-        (dict(image_size=(4, 4)), "image_size must be two ints >= 8"),
-        (dict(image_size=(16,)), "image_size must be two ints >= 8"),
-        (dict(image_size=(16.0, 16)), "image_size must be two ints >= 8"),
-        (dict(image_size=(True, 16)), "image_size must be two ints >= 8"),
+        (dict(image_size=(4, 4)), "image_size must be a list of two ints >= 8"),
+        (dict(image_size=(16,)), "image_size must be a list of two ints >= 8"),
+        (dict(image_size=(16.0, 16)), "image_size must be a list of two ints >= 8"),
+        (dict(image_size=(True, 16)), "image_size must be a list of two ints >= 8"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, message):
