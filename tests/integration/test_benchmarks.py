@@ -32,6 +32,7 @@ def test_benchmark_quick_run(tmp_path, script, expected):
     assert out.stat().st_size > 0
     results = json.loads(out.read_text())
     if script == "heart_disease.py":
-        # centralised baselines and every federated strategy, FedYogi and Gaussian DP included, were run
-        assert {"pooled", "local 0", "local 3", "fedavg", "fedyogi", "fedavg dp eps=10"} <= set(results["methods"])
+        # centralised baselines, FedYogi and FedAvg with Gaussian DP were run (plain FedAvg is left
+        # to test_outcome_jobs_simulator.py in the quick pass)
+        assert {"pooled", "local 0", "local 3", "fedyogi", "fedavg dp eps=10"} <= set(results["methods"])
         assert all(0.0 <= m["mean"] <= 1.0 for m in results["methods"].values())
