@@ -168,6 +168,7 @@ def run_job(opts: RunOptions, log=_print) -> dict:
         JobRunError: bad job folder or options, or the simulator failed.
     """
     from medflare.reporting import run_summary
+    from medflare.reporting.cross_site_report import SERVER_MODEL_PREFIX, exam_measures, format_report, write_report
     from medflare.reporting.round_metrics_writer import METRICS_FILE_NAME
     from medflare.sites.class_allow_list import write_simulator_resources
 
@@ -235,15 +236,14 @@ def run_job(opts: RunOptions, log=_print) -> dict:
     log(summary)
     with open(os.path.join(run_dir, "summary.txt"), "w") as f:
         f.write(summary + "\n")
-    metric = "dice" if run_summary.metric_kind([r.get("global_model_metrics", {}) for r in records]) == "dice" else "auc"
+    metric = "dice" if run_summary.record_kind(records, global_eval) == "dice" else "auc"
     plot = run_summary.plot_metrics_per_round(
         records, global_eval, os.path.join(run_dir, f"{metric}_per_round.png"), title=f"{name}: global model per round"
     )
     log(f"plot: {plot}")
     report_paths = {}
-    if metric == "auc" and any(not model.startswith("SRV_") for models in global_eval.values() for model in models):
+    if metric == "auc" and any(not m.startswith(SERVER_MODEL_PREFIX) for models in global_eval.values() for m in models):
         # cross-site evaluation scored the sites' own models too: EXAM's measures
-        from medflare.reporting.cross_site_report import exam_measures, format_report, write_report
 
         measures = exam_measures(global_eval, metric="auc")
         log(format_report(measures))

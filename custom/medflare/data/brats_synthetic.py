@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from medflare.data.brats_layout import MODALITIES, find_brats_subjects, make_datalist, write_data_config
+from medflare.data.generator_checks import check_int_in
 from medflare.data.mni_anatomy import TissueMaps, load_tissue_maps
 
 __all__ = [
@@ -86,9 +87,9 @@ def make_site_profiles(num_sites: int, cases_per_site: int, seed: int = 0) -> li
             between 60% and 140% of it, so sites differ in size too.
         seed: seed of the draw.
     """
-    _check_int("num_sites", num_sites, 1, 64)
-    _check_int("cases_per_site", cases_per_site, 4, 10_000)
-    _check_int("seed", seed, 0, 2**32 - 1)
+    check_int_in("num_sites", num_sites, 1, 64)
+    check_int_in("cases_per_site", cases_per_site, 4, 10_000)
+    check_int_in("seed", seed, 0, 2**32 - 1)
     profiles = []
     for i in range(num_sites):
         rng = np.random.default_rng([seed, 7919, i])
@@ -109,11 +110,6 @@ def make_site_profiles(num_sites: int, cases_per_site: int, seed: int = 0) -> li
             )
         )
     return profiles
-
-
-def _check_int(name: str, value, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple, cells: int) -> np.ndarray:
@@ -312,7 +308,7 @@ def generate_sites(
     Returns:
         ``{site_name: path of its data_config.json}``.
     """
-    _check_int("size", size, 16, 256)
+    check_int_in("size", size, 16, 256)
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     configs = {}

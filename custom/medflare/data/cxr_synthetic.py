@@ -70,6 +70,7 @@ from typing import Optional
 import numpy as np
 
 from medflare.data.brats_layout import DataListError
+from medflare.data.generator_checks import check_int_in
 
 __all__ = [
     "CLINICAL_COLUMNS",
@@ -385,11 +386,6 @@ class CxrSiteProfile:
     bit_depth: int
 
 
-def _check_int(name: str, value, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
-
-
 def make_cxr_site_profiles(num_sites: int, cases: int, seed: int = 0) -> list[CxrSiteProfile]:
     """Draw ``num_sites`` distinct hospitals.
 
@@ -399,9 +395,9 @@ def make_cxr_site_profiles(num_sites: int, cases: int, seed: int = 0) -> list[Cx
             140% of it.
         seed: seed of the draw (0 to 2**32 - 1).
     """
-    _check_int("sites", num_sites, 2, len(_HOSPITALS))
-    _check_int("cases", cases, 8, 100_000)
-    _check_int("seed", seed, 0, 2**32 - 1)
+    check_int_in("sites", num_sites, 2, len(_HOSPITALS))
+    check_int_in("cases", cases, 8, 100_000)
+    check_int_in("seed", seed, 0, 2**32 - 1)
     profiles = []
     for i in range(num_sites):
         rng = np.random.default_rng([seed, 7919, i])
@@ -554,7 +550,7 @@ def render_cxr(
     """
     from scipy import ndimage
 
-    _check_int("size", size, 8, 4096)
+    check_int_in("size", size, 8, 4096)
     if np.shape(opacity) != ct.opacity_shape:
         raise ValueError(f"opacity must have the CT's opacity grid shape {ct.opacity_shape}, got {np.shape(opacity)}")
     scale = rng.uniform(0.92, 1.08) * np.array([1.0, rng.uniform(0.94, 1.06)])
@@ -624,8 +620,8 @@ class CxrCase:
 
 def generate_case(ct: ChestCT, profile: CxrSiteProfile, index: int, size: int = 64, seed: int = 0) -> CxrCase:
     """Generate patient ``index`` (0-based) of a site, reproducibly from ``(seed, site, index)``."""
-    _check_int("index", index, 0, 10**7)
-    _check_int("seed", seed, 0, 2**32 - 1)
+    check_int_in("index", index, 0, 10**7)
+    check_int_in("seed", seed, 0, 2**32 - 1)
     site = _site_index(profile)
     rng = np.random.default_rng([seed, site, index])
     clinical, hidden = _draw_patient(profile, rng)
@@ -808,7 +804,7 @@ def generate_cxr_sites(
     """
     if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
         raise ValueError(f"out_dir must be a folder path, got {out_dir!r}")
-    _check_int("size", size, 32, 512)
+    check_int_in("size", size, 32, 512)
     if not isinstance(reuse, bool):
         raise ValueError(f"reuse must be a bool, got {reuse!r}")
     profiles = make_cxr_site_profiles(sites, cases, seed)  # checks sites, cases and seed

@@ -34,7 +34,7 @@ import numpy as np
 
 from medflare.data.brats_layout import DataListError
 
-__all__ = ["OutcomeCase", "SPLITS", "load_outcome_table", "read_xray", "check_outcome_table"]
+__all__ = ["OutcomeCase", "SPLITS", "check_columns", "check_outcome_table", "load_outcome_table", "read_xray"]
 
 SPLITS = ("train", "test")
 
@@ -50,7 +50,9 @@ class OutcomeCase:
     labels: tuple[int, ...]
 
 
-def _check_columns(name: str, columns, allow_empty: bool) -> list[str]:
+def check_columns(name: str, columns, allow_empty: bool) -> list[str]:
+    """``columns`` as a list, refused (ValueError naming ``name``) unless it is a list of distinct
+    non-empty column names, non-empty unless ``allow_empty``."""
     if not isinstance(columns, (list, tuple)) or any(not isinstance(c, str) or not c for c in columns):
         raise ValueError(f"{name} must be a list of column names, got {columns!r}")
     if not columns and not allow_empty:
@@ -84,28 +86,15 @@ def load_outcome_table(
         DataListError: the file is missing or unreadable, a column is absent, a value is not a
             number or not 0/1, a case id repeats, a split is unknown or empty, an image is missing.
     """
-    clinical_columns = _check_columns("clinical_columns", clinical_columns, allow_empty=image_column is not None)
-    label_columns = _check_columns("label_columns", label_columns, allow_empty=False)
+    clinical_columns = check_columns("clinical_columns", clinical_columns, allow_empty=image_column is not None)
+    label_columns = check_columns("label_columns", label_columns, allow_empty=False)
     if image_column is not None and (not isinstance(image_column, str) or not image_column):
         raise ValueError(f"image_column must be a column name or null, got {image_column!r}")
     overlap = set(clinical_columns) & set(label_columns)
     if overlap:
         raise ValueError(f"columns {sorted(overlap)} are named both as clinical inputs and as labels")
-    try:
-        # utf-8-sig: a table saved as "CSV UTF-8" by a spreadsheet starts with a byte-order mark
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-            header = list(rows[0].keys()) if rows else []
-    except FileNotFoundError:
-        raise DataListError(f"outcome table {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataListError(f"cannot read outcome table {path}: {e}") from None
-    if not rows:
-        raise DataListError(f"outcome table {path} has no cases")
     needed = ["case_id", "split", *([image_column] if image_column else []), *clinical_columns, *label_columns]
-    missing = [c for c in needed if c not in header]
-    if missing:
-        raise DataListError(f"outcome table {path} lacks column(s) {missing}; it has {header}")
+    rows = _read_rows(path, needed)
 
     cases: dict[str, list[OutcomeCase]] = {s: [] for s in SPLITS}
     seen: set[str] = set()
@@ -137,6 +126,26 @@ def load_outcome_table(
     return cases
 
 
+def _read_rows(path: str, needed: Sequence[str]) -> list[dict]:
+    """The table's rows, refused (DataListError naming the file) when it cannot be read, has no
+    cases or lacks one of the ``needed`` columns."""
+    try:
+        # utf-8-sig: a table saved as "CSV UTF-8" by a spreadsheet starts with a byte-order mark
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise DataListError(f"outcome table {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataListError(f"cannot read outcome table {path}: {e}") from None
+    if not rows:
+        raise DataListError(f"outcome table {path} has no cases")
+    header = list(rows[0].keys())
+    missing = [c for c in needed if c not in header]
+    if missing:
+        raise DataListError(f"outcome table {path} lacks column(s) {missing}; it has {header}")
+    return rows
+
+
 def check_outcome_table(path: str, data_root: str, image_column: str = "image") -> dict[str, int]:
     """What a site admin's install can check without a job: every case has an id and a known
     split, both splits have cases, and every image named in ``image_column`` (when the table
@@ -148,17 +157,8 @@ def check_outcome_table(path: str, data_root: str, image_column: str = "image") 
     Raises:
         DataListError: as :func:`load_outcome_table`.
     """
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except FileNotFoundError:
-        raise DataListError(f"outcome table {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataListError(f"cannot read outcome table {path}: {e}") from None
-    header = list(rows[0].keys()) if rows else []
-    missing = [c for c in ("case_id", "split") if c not in header]
-    if not rows or missing:
-        raise DataListError(f"outcome table {path} needs cases and the columns case_id and split; it has {header}")
+    rows = _read_rows(path, ["case_id", "split"])
+    header = list(rows[0].keys())
     counts = {"train": 0, "test": 0, "images": 0}
     for line, row in enumerate(rows, start=2):
         split = (row["split"] or "").strip()

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 
 from nvflare.app_common.app_constant import AppConstants
 
+from medflare.data.outcome_table import check_columns
 from medflare.executors.site_training_executor import SiteTrainingExecutor, check_positive_int
 from medflare.training.model_weights import TrainResult
 from medflare.training.outcome_trainer import check_training_arguments
@@ -85,11 +86,8 @@ class OutcomeExecutor(SiteTrainingExecutor):
             validate_task_name=validate_task_name,
             submit_model_task_name=submit_model_task_name,
         )
-        for name, columns, allow_empty in (("label_columns", label_columns, False), ("clinical_columns", clinical_columns, True)):
-            if not isinstance(columns, (list, tuple)) or any(not isinstance(c, str) or not c for c in columns):
-                raise ValueError(f"{name} must be a list of column names, got {columns!r}")
-            if not columns and not allow_empty:
-                raise ValueError(f"{name} must name at least one column, got {columns!r}")
+        check_columns("label_columns", label_columns, allow_empty=False)
+        check_columns("clinical_columns", clinical_columns, allow_empty=True)
         if image_column is not None and (not isinstance(image_column, str) or not image_column):
             raise ValueError(f"image_column must be a column name or null, got {image_column!r}")
         if image_column is None and not clinical_columns:
@@ -160,6 +158,9 @@ class OutcomeExecutor(SiteTrainingExecutor):
             device=self.device,
             seed=self.seed,
         )
+
+    def _build_site_only_trainer(self, config):
+        return self._trainer.sibling(self._build_network())  # the cases are already loaded
 
     def _train_locally(self, trainer, should_abort: Callable[[], bool]) -> TrainResult:
         return trainer.train(self.local_epochs, self.local_steps, should_abort)

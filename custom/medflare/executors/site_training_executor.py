@@ -59,6 +59,11 @@ def check_positive_int(name: str, value, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
+def _non_finite_keys(weights: dict) -> list[str]:
+    """Keys of the floating-point entries holding a NaN or an infinity."""
+    return [k for k, v in weights.items() if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
+
+
 class SiteTrainingExecutor(Executor):
     """Base of the medflare executors; see the module docstring.
 
@@ -131,6 +136,11 @@ class SiteTrainingExecutor(Executor):
         """One round of local training with ``trainer``."""
         raise NotImplementedError
 
+    def _build_site_only_trainer(self, config):
+        """The trainer of the site-only model; a subclass whose trainer can share its loaded
+        data (``OutcomeTrainer.sibling``) overrides this to avoid reading the data twice."""
+        return self._build_trainer(config, self._build_network())
+
     def _build_network(self) -> torch.nn.Module:
         """A fresh network for a trainer (a copy when NVFlare handed over a built module)."""
         from medflare.training.model_spec import build_model
@@ -159,7 +169,7 @@ class SiteTrainingExecutor(Executor):
             source = config.source
             self._trainer = self._build_trainer(config, self._build_network())
             if self.local_model == "site_only":
-                self._site_only_trainer = self._build_trainer(config, self._build_network())
+                self._site_only_trainer = self._build_site_only_trainer(config)
                 self._site_only_started = False
             self._setup_error = None
             self.log_info(
@@ -244,7 +254,7 @@ class SiteTrainingExecutor(Executor):
             return make_reply(ReturnCode.EXECUTION_RESULT_ERROR)
         local_weights = self._trainer.get_weights()
         diff = self._trainer.weight_diff(local_weights, global_weights)
-        bad = [k for k, v in diff.items() if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
+        bad = _non_finite_keys(diff)
         if bad or not math.isfinite(result.mean_loss):
             self.log_error(fl_ctx, f"training diverged (loss {result.mean_loss}, non-finite {bad[:3]}); nothing sent")
             return make_reply(ReturnCode.EXECUTION_RESULT_ERROR)
@@ -310,7 +320,7 @@ class SiteTrainingExecutor(Executor):
                 self.log_error(fl_ctx, "no site-only model to submit: this site has not trained in this run")
                 return make_reply(ReturnCode.EXECUTION_RESULT_ERROR)
             weights = self._site_only_trainer.get_weights()
-            bad = [k for k, v in weights.items() if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
+            bad = _non_finite_keys(weights)
             if bad:
                 self.log_error(fl_ctx, f"the site-only model diverged (non-finite {bad[:3]}); nothing sent")
                 return make_reply(ReturnCode.EXECUTION_RESULT_ERROR)

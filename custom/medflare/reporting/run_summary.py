@@ -20,6 +20,7 @@ __all__ = [
     "final_global_metrics",
     "plot_metrics_per_round",
     "metric_kind",
+    "record_kind",
     "METRIC_COLUMNS",
 ]
 
@@ -36,7 +37,8 @@ def metric_kind(metrics: list[dict]) -> str:
     return "outcome" if not any(k.startswith("dice_") for k in keys) and keys & {"auc", "accuracy"} else "dice"
 
 
-def _record_kind(records: list[dict], global_eval: Optional[dict] = None) -> str:
+def record_kind(records: list[dict], global_eval: Optional[dict] = None) -> str:
+    """:func:`metric_kind` of a job's round records and its final evaluation."""
     metrics = [r.get("global_model_metrics", {}) for r in records]
     metrics += [m for models in (global_eval or {}).values() for m in models.values()]
     return metric_kind(metrics)
@@ -77,7 +79,7 @@ def format_round_line(record: dict) -> str:
     sites = record.get("sites", {})
     losses = " ".join(f"{s}={_fmt(v.get('train_loss'))}" for s, v in sorted(sites.items()))
     g = record.get("global_model_metrics", {})
-    if _record_kind([record]) == "outcome":
+    if record_kind([record]) == "outcome":
         scores = f"global model AUC {_fmt(g.get('auc'))}, accuracy {_fmt(g.get('accuracy'))}"
     else:
         scores = (
@@ -99,7 +101,7 @@ def _time_split(record: dict) -> tuple[float, float, float]:
 def format_summary(records: list[dict], global_eval: dict, wall_seconds: Optional[float] = None) -> str:
     """The closing table: the global model's metrics per round with the time split, then the
     server's models scored at every site (each site's own model too, in cross-site evaluation)."""
-    kind = _record_kind(records, global_eval)
+    kind = record_kind(records, global_eval)
     columns = METRIC_COLUMNS[kind]
     name = "Dice" if kind == "dice" else "AUC and accuracy"
     lines = ["", f"Global model {name} at the start of each round (weighted over sites' validation cases)"]
@@ -141,7 +143,7 @@ def plot_metrics_per_round(records: list[dict], global_eval: dict, path: str, ti
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kind = _record_kind(records, global_eval)
+    kind = record_kind(records, global_eval)
     styles = {
         "dice": (("dice_mean", "mean", "-o"), ("dice_tc", "tumour core", "--"), ("dice_wt", "whole tumour", "--"), ("dice_et", "enhancing tumour", "--")),
         "outcome": (("auc", "AUC", "-o"), ("accuracy", "accuracy", "--s")),

@@ -18,6 +18,7 @@ optimizer steps cycling through it (``steps``, FLamby's "num_updates" per round)
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Callable, Mapping, Optional, Sequence
@@ -141,10 +142,9 @@ class OutcomeTrainer:
         self.model = model.to(self.device)
         self.batch_size = batch_size
         self.seed = seed
-        if optimizer == "adam":
-            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=learning_rate)
-        else:
-            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=learning_rate)
+        self._optimizer_class = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+        self._learning_rate = learning_rate
+        self.optimizer = self._optimizer_class(self.model.parameters(), lr=learning_rate)
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
 
         self.train_data = self._tensors(train_cases)
@@ -156,10 +156,28 @@ class OutcomeTrainer:
             std = torch.where(std > 0, std, torch.ones_like(std))
             for data in (self.train_data, self.test_data):
                 data["clinical"] = (data["clinical"] - mean) / std
+        for data in (self.train_data, self.test_data):  # on the device once, not batch by batch
+            for key, tensor in data.items():
+                if tensor is not None:
+                    data[key] = tensor.to(self.device)
         self.num_train_cases = len(train_cases)
         self.num_test_cases = len(test_cases)
         self._generator = torch.Generator().manual_seed(seed)
         self._order: list[int] = []
+
+    def sibling(self, model: torch.nn.Module) -> "OutcomeTrainer":
+        """A trainer for another ``model`` of the same inputs and outputs on the same cases, which
+        are shared, not read again, with its own optimizer and a fresh shuffling from the seed
+        (the executor's site-only model)."""
+        for name in ("uses_image", "uses_clinical", "num_outputs", "clinical_features"):
+            if getattr(model, name, None) != getattr(self.model, name, None):
+                raise ValueError(f"a sibling model must match the trainer's model in {name}")
+        twin = copy.copy(self)
+        twin.model = model.to(self.device)
+        twin.optimizer = self._optimizer_class(twin.model.parameters(), lr=self._learning_rate)
+        twin._generator = torch.Generator().manual_seed(self.seed)
+        twin._order = []
+        return twin
 
     def _tensors(self, cases: Sequence[OutcomeCase]) -> dict[str, Optional[torch.Tensor]]:
         data: dict[str, Optional[torch.Tensor]] = {
@@ -196,10 +214,11 @@ class OutcomeTrainer:
 
     def _batch(self, data, index) -> tuple[dict, torch.Tensor]:
         inputs = {}
+        index = index.to(self.device)
         for key in ("image", "clinical"):
             if data[key] is not None:
-                inputs[key] = data[key][index].to(self.device)
-        return inputs, data["labels"][index].to(self.device)
+                inputs[key] = data[key][index]
+        return inputs, data["labels"][index]
 
     def _next_indices(self) -> torch.Tensor:
         """The next batch of a shuffled pass; a new permutation starts when one is used up."""
@@ -258,6 +277,6 @@ class OutcomeTrainer:
         probabilities = self.predict()
         if not np.all(np.isfinite(probabilities)):
             raise FloatingPointError("the model predicts non-finite probabilities")
-        metrics = classification_metrics(self.test_data["labels"].numpy().astype(np.int64), probabilities, self.label_names)
+        metrics = classification_metrics(self.test_data["labels"].cpu().numpy().astype(np.int64), probabilities, self.label_names)
         metrics["num_cases"] = self.num_test_cases
         return metrics

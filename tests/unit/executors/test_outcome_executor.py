@@ -225,3 +225,12 @@ def test_a_built_module_is_checked_as_well():
     module = build_model(_model(["o2_24h"], CLINICAL, "image"))
     with pytest.raises(ValueError, match="has an image_network but image_column is null"):
         OutcomeExecutor(model=module, label_columns=["o2_24h"], clinical_columns=CLINICAL)
+
+
+def test_site_only_trainer_shares_the_loaded_cases(tmp_path, outcome_site, monkeypatch):
+    executor, _, _ = _ready(tmp_path, outcome_site, monkeypatch, "fusion-multilabel", local_model="site_only")
+    twin = executor._site_only_trainer
+    # the images are read and resized once; the two models keep their own optimizers
+    assert twin.train_data["image"] is executor._trainer.train_data["image"]
+    assert twin.optimizer is not executor._trainer.optimizer
+    assert twin.optimizer.param_groups[0]["params"][0] is next(twin.model.parameters())
