@@ -6,7 +6,8 @@ training); this class answers the tasks:
 - ``train``: take the global ``WEIGHTS``, score them on the local validation/test data
   (reported as ``initial_metrics`` for best-model selection), train locally and return a
   ``WEIGHT_DIFF`` DXO whose meta carries ``NUM_STEPS_CURRENT_ROUND``, ``num_train_cases``,
-  the training loss and timings;
+  the training loss and timings, named as the wire contract declares them
+  (:mod:`medflare.wire_contract`; the site's filters decide which of them leave);
 - ``validate``: score the model in the task and return a ``METRICS`` DXO; the local model is
   left as it was (cross-site evaluation scores other sites' models here);
 - ``submit_model``: return this site's local model, for NVFlare's cross-site evaluation:
@@ -35,7 +36,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
 from nvflare.apis.fl_constant import FLContextKey, ReturnCode
@@ -45,6 +46,15 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from medflare.training.model_weights import TrainResult, WeightMismatchError
+from medflare.wire_contract import (
+    CURRENT_ROUND,
+    INITIAL_METRICS,
+    NUM_STEPS,
+    NUM_TRAIN_CASES,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    VALIDATE_SECONDS,
+)
 
 __all__ = ["SiteTrainingExecutor", "check_positive_int", "LOCAL_MODELS"]
 
@@ -224,7 +234,7 @@ class SiteTrainingExecutor(Executor):
         weights = self._global_weights(shareable, fl_ctx)
         if weights is None:
             return make_reply(ReturnCode.BAD_TASK_DATA)
-        current_round = shareable.get_header(AppConstants.CURRENT_ROUND)
+        current_round = shareable.get_header(CURRENT_ROUND)
         try:
             self._trainer.set_weights(weights)
         except WeightMismatchError as e:
@@ -243,7 +253,7 @@ class SiteTrainingExecutor(Executor):
             validate_seconds = time.perf_counter() - start
             if metrics is None:
                 return make_reply(ReturnCode.TASK_ABORTED)
-            meta[MetaKey.INITIAL_METRICS] = metrics
+            meta[INITIAL_METRICS] = metrics
 
         result = self._train_locally(self._trainer, should_abort)
         if result.aborted:
@@ -264,21 +274,21 @@ class SiteTrainingExecutor(Executor):
 
         meta.update(
             {
-                MetaKey.NUM_STEPS_CURRENT_ROUND: result.steps,
-                "train_loss": result.mean_loss,
-                "train_seconds": result.seconds,
-                "validate_seconds": validate_seconds,
-                "num_train_cases": self._trainer.num_train_cases,
+                NUM_STEPS: int(result.steps),
+                TRAIN_LOSS: float(result.mean_loss),
+                TRAIN_SECONDS: float(result.seconds),
+                VALIDATE_SECONDS: float(validate_seconds),
+                NUM_TRAIN_CASES: int(self._trainer.num_train_cases),
             }
         )
-        initial = meta.get(MetaKey.INITIAL_METRICS, {})
+        initial = meta.get(INITIAL_METRICS, {})
         self.log_info(
             fl_ctx,
             f"round {current_round}: {result.steps} steps, loss {result.mean_loss:.4f} in {result.seconds:.1f}s; "
             f"global model {self.key_metric} {initial.get(self.key_metric, float('nan')):.4f}",
         )
         result = DXO(data_kind=DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
-        result.set_header(AppConstants.CURRENT_ROUND, current_round)  # filters and ledgers name the round
+        result.set_header(CURRENT_ROUND, current_round)  # filters and ledgers name the round
         return result
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:

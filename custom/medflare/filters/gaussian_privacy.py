@@ -25,10 +25,12 @@ from medflare.privacy.budget_ledger import LEDGER_FILE_NAME, LedgerError, Privac
 from medflare.privacy.gaussian_mechanism import gaussian_release, l2_norm
 from medflare.privacy.noise_sources import make_noise_source
 from medflare.privacy.update_checks import UnsafeUpdateError, check_update
+from medflare.wire_contract import GAUSSIAN_DP
 
 __all__ = ["GaussianPrivacyFilter", "PRIVACY_META_KEY"]
 
-PRIVACY_META_KEY = "medflare_gaussian_dp"
+#: kept for compatibility: the contract's :data:`medflare.wire_contract.GAUSSIAN_DP`
+PRIVACY_META_KEY = GAUSSIAN_DP
 
 
 class GaussianPrivacyFilter(FailClosedDXOFilter):
@@ -51,6 +53,11 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
             secure generator; an int seeds a reproducible, insecure generator (tests only).
         passthrough_data_kinds: result kinds without model parameters let through unchanged
             (default ``["METRICS"]``, so validation results pass a site-wide filter).
+        release_meta: data-dependent meta keys of the wire contract that leave with the update
+            (:data:`medflare.wire_contract.DATA_DEPENDENT_META`); null (default) releases none:
+            the mechanism privatises the update, not the loss, scores, case counts or timings
+            the executor reports, so under differential privacy they stay at the site unless
+            the site admin names them here.
 
     Raises:
         ValueError, TypeError: when the job is built, for any out-of-range, wrongly typed or
@@ -68,8 +75,9 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
         accountant: str = "rdp",
         noise_seed: Optional[int] = None,
         passthrough_data_kinds: Optional[list] = None,
+        release_meta: Optional[list] = None,
     ):
-        super().__init__([DataKind.WEIGHT_DIFF], passthrough_data_kinds)
+        super().__init__([DataKind.WEIGHT_DIFF], passthrough_data_kinds, release_meta)
         check_real("clipping_norm", clipping_norm, 0.0, None, low_open=True)
         check_real("max_epsilon", max_epsilon, 0.0, None, low_open=True)
         check_real("target_delta", target_delta, 0.0, 1.0, low_open=True, high_open=True)
@@ -140,7 +148,7 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
             "secure_noise": self._noise.cryptographically_secure,
         }
         meta = dict(dxo.meta)
-        meta[PRIVACY_META_KEY] = privacy
+        meta[GAUSSIAN_DP] = privacy
         self.log_info(
             fl_ctx,
             f"Gaussian DP release {self._releases_this_run} (round {round_number}): z={z:.4g}, C={self.clipping_norm:g}, "

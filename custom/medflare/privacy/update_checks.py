@@ -12,7 +12,20 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["UnsafeUpdateError", "check_update", "is_floating", "numel", "all_finite", "as_numpy", "l2_norm", "like_input"]
+__all__ = [
+    "UnsafeUpdateError",
+    "check_update",
+    "is_floating",
+    "numel",
+    "all_finite",
+    "as_numpy",
+    "as_numpy_update",
+    "l2_norm",
+    "like_input",
+]
+
+#: numpy dtype kinds an update entry may have: floating, signed and unsigned integers, bool
+_ARRAY_KINDS = "fiub"
 
 
 class UnsafeUpdateError(ValueError):
@@ -98,3 +111,41 @@ def check_update(update, require_float: bool = True) -> None:
             total += numel(value)
     if require_float and total == 0:
         raise UnsafeUpdateError("update has no floating-point values to release")
+
+
+def _entry(key, value):
+    """One update entry as a numpy array (zero-copy for CPU tensors) or, on an accelerator, a
+    tensor; bfloat16 is widened to float32, which holds every bfloat16 value exactly."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in _ARRAY_KINDS:
+            raise UnsafeUpdateError(f"update entry {key!r} has dtype {value.dtype}; only numbers are released")
+        return value
+    if not _is_tensor(value):
+        raise UnsafeUpdateError(f"update entry {key!r} is {type(value).__name__}, not a numpy array or torch tensor")
+    import torch
+
+    if value.layout != torch.strided or value.is_complex():
+        raise UnsafeUpdateError(f"update entry {key!r} is a {value.layout} {value.dtype} tensor; only dense real tensors are released")
+    tensor = value.detach()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.to(torch.float32)
+    if tensor.device.type == "cpu":
+        return tensor.numpy()
+    return tensor
+
+
+def as_numpy_update(update) -> dict:
+    """``update`` with every entry as a numpy array (tensors on an accelerator stay tensors, for
+    the torch paths of the privacy functions), refusing anything that is not an update.
+
+    Raises:
+        UnsafeUpdateError: not a non-empty mapping of names to numeric arrays or tensors.
+    """
+    if not isinstance(update, Mapping) or not update:
+        raise UnsafeUpdateError(f"update must be a non-empty mapping of name to array, got {type(update).__name__}")
+    out = {}
+    for key, value in update.items():
+        if not isinstance(key, str):
+            raise UnsafeUpdateError(f"update keys must be parameter names (strings), got {key!r:.80}")
+        out[key] = _entry(key, value)
+    return out

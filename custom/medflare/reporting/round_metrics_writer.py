@@ -19,7 +19,7 @@ import math
 import os
 import time
 
-from nvflare.apis.dxo import MetaKey, from_shareable
+from nvflare.apis.dxo import from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_component import FLComponent
 from nvflare.apis.fl_constant import FLContextKey
@@ -27,7 +27,21 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 
-from medflare.filters.fail_closed_filter import APPLIED_META_KEY
+from medflare.wire_contract import (
+    AGGREGATION,
+    FILTER_HISTORY,
+    FILTERS_APPLIED,
+    GAUSSIAN_DP,
+    INITIAL_METRICS,
+    NUM_STEPS,
+    PERCENTILE_SHARING,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    VALIDATE_SECONDS,
+)
+
+#: the filters' privacy records, as the wire contract names them
+PRIVACY_RECORDS = (PERCENTILE_SHARING, GAUSSIAN_DP)
 
 __all__ = ["RoundMetricsWriter", "METRICS_FILE_NAME", "weighted_mean_metrics"]
 
@@ -94,16 +108,17 @@ class RoundMetricsWriter(FLComponent):
             dxo = from_shareable(peer_ctx.get_prop(FLContextKey.SHAREABLE))
         except Exception:
             return
-        metrics = dxo.get_meta_prop(MetaKey.INITIAL_METRICS) or {}
-        privacy = {k: v for k, v in dxo.meta.items() if k.startswith("medflare_") and isinstance(v, dict)}
+        metrics = dxo.get_meta_prop(INITIAL_METRICS) or {}
+        privacy = {k: dxo.meta[k] for k in PRIVACY_RECORDS if isinstance(dxo.get_meta_prop(k), dict)}
         self._sites[site] = {
-            "filter_history": dxo.get_meta_prop(MetaKey.FILTER_HISTORY) or [],
-            "filters_applied": dxo.get_meta_prop(APPLIED_META_KEY) or [],
+            "filter_history": dxo.get_meta_prop(FILTER_HISTORY) or [],
+            "filters_applied": dxo.get_meta_prop(FILTERS_APPLIED) or [],
             "privacy": privacy,
-            "train_loss": dxo.get_meta_prop("train_loss"),
-            "steps": dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND),
-            "train_seconds": dxo.get_meta_prop("train_seconds"),
-            "validate_seconds": dxo.get_meta_prop("validate_seconds"),
+            # what the site's scope withholds (data-dependent keys under DP) is recorded as null
+            "train_loss": dxo.get_meta_prop(TRAIN_LOSS),
+            "steps": dxo.get_meta_prop(NUM_STEPS),
+            "train_seconds": dxo.get_meta_prop(TRAIN_SECONDS),
+            "validate_seconds": dxo.get_meta_prop(VALIDATE_SECONDS),
             "global_model_metrics": metrics if isinstance(metrics, dict) else {},
         }
 
@@ -114,7 +129,7 @@ class RoundMetricsWriter(FLComponent):
             dxo = from_shareable(fl_ctx.get_prop(AppConstants.AGGREGATION_RESULT))
         except Exception:
             return
-        self._aggregation = dxo.get_meta_prop("medflare_aggregation")
+        self._aggregation = dxo.get_meta_prop(AGGREGATION)
 
     def _write_round(self, fl_ctx: FLContext) -> None:
         if self._path is None:
