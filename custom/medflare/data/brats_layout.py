@@ -24,6 +24,9 @@ from typing import Optional
 
 import numpy as np
 
+from medflare.data.data_errors import DataListError
+from medflare.data.data_root_paths import path_in_data_root
+
 __all__ = [
     "MODALITIES",
     "BratsSubject",
@@ -39,10 +42,6 @@ MODALITIES = ("t1", "t1ce", "t2", "flair")
 
 _MODALITY_FILE = re.compile(r"^(?P<sid>.+)_(?P<mod>t1|t1ce|t2|flair)\.nii(\.gz)?$", re.IGNORECASE)
 _LABEL_FILE = re.compile(r"^(?P<sid>.+)_(seg|segm)\.nii(\.gz)?$", re.IGNORECASE)
-
-
-class DataListError(ValueError):
-    """A datalist or the data it names is missing, unreadable or malformed."""
 
 
 def read_json_object(path: str, what: str) -> dict:
@@ -138,6 +137,11 @@ def make_datalist(
 def load_datalist(datalist_path: str, data_root: str, check_files: bool = True) -> tuple[list, list]:
     """Read a decathlon-style datalist and resolve its paths against ``data_root``.
 
+    Every path must resolve (``..`` and symlinks followed) inside ``data_root``; see
+    :mod:`medflare.data.data_root_paths`. The volumes' content is checked by
+    :func:`medflare.data.brats_volume_checks.check_brats_subjects`, which the trainer and the
+    site install call on the result.
+
     Args:
         datalist_path: the JSON file.
         data_root: folder the datalist's relative paths are relative to.
@@ -148,6 +152,7 @@ def load_datalist(datalist_path: str, data_root: str, check_files: bool = True) 
 
     Raises:
         DataListError: naming the file that is missing, unreadable or malformed.
+        DataPathError: (a DataListError) naming the entry whose path leaves ``data_root``.
     """
     content = read_json_object(datalist_path, "datalist")
     lists = []
@@ -164,14 +169,15 @@ def load_datalist(datalist_path: str, data_root: str, check_files: bool = True) 
                     f"datalist {datalist_path}: {key}[{n}] must have 'image' (a list of {len(MODALITIES)} "
                     f"paths in the order {list(MODALITIES)}) and 'label' (a path), got {item!r}"
                 )
+            where = f"datalist {datalist_path}: {key}[{n}]"
             entry = {
-                "image": [os.path.normpath(os.path.join(data_root, p)) for p in images],
-                "label": os.path.normpath(os.path.join(data_root, label)),
+                "image": [path_in_data_root(data_root, p, f"{where} image {m}") for m, p in zip(MODALITIES, images)],
+                "label": path_in_data_root(data_root, label, f"{where} label"),
             }
             if check_files:
                 for path in entry["image"] + [entry["label"]]:
                     if not os.path.isfile(path):
-                        raise DataListError(f"datalist {datalist_path}: {key}[{n}] names a missing file: {path}")
+                        raise DataListError(f"{where} names a missing file: {path}")
             resolved.append(entry)
         lists.append(resolved)
     return lists[0], lists[1]

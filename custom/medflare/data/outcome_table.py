@@ -32,7 +32,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from medflare.data.brats_layout import DataListError
+from medflare.data.data_errors import DataListError
+from medflare.data.data_root_paths import path_in_data_root
 
 __all__ = ["OutcomeCase", "SPLITS", "check_columns", "check_outcome_table", "load_outcome_table", "read_xray"]
 
@@ -84,7 +85,9 @@ def load_outcome_table(
     Raises:
         ValueError: bad column arguments (the job's fault).
         DataListError: the file is missing or unreadable, a column is absent, a value is not a
-            number or not 0/1, a case id repeats, a split is unknown or empty, an image is missing.
+            number (or not finite) or not 0/1, a case id repeats, a split is unknown or empty, an
+            image is missing or resolves outside ``data_root`` (``DataPathError``). The images'
+            content is checked when they are read (:func:`read_xray`).
     """
     clinical_columns = check_columns("clinical_columns", clinical_columns, allow_empty=image_column is not None)
     label_columns = check_columns("label_columns", label_columns, allow_empty=False)
@@ -116,7 +119,7 @@ def load_outcome_table(
             relative = (row[image_column] or "").strip()
             if not relative:
                 raise DataListError(f"{where}: no image in column {image_column!r}")
-            image = os.path.normpath(os.path.join(data_root, relative))
+            image = path_in_data_root(data_root, relative, f"{where}: column {image_column!r}")
             if not os.path.isfile(image):
                 raise DataListError(f"{where}: image {image} does not exist")
         cases[split].append(OutcomeCase(case_id, split, image, clinical, labels))
@@ -148,32 +151,54 @@ def _read_rows(path: str, needed: Sequence[str]) -> list[dict]:
 
 def check_outcome_table(path: str, data_root: str, image_column: str = "image") -> dict[str, int]:
     """What a site admin's install can check without a job: every case has an id and a known
-    split, both splits have cases, and every image named in ``image_column`` (when the table
-    has that column) exists. Column values are checked when a job names its columns.
+    split, both splits have cases, no cell holds a non-finite number (``nan``, ``inf``), and
+    every image named in ``image_column`` (when the table has that column) lies inside
+    ``data_root`` and reads as a radiograph (:func:`read_xray`: one 2-D greyscale image of at
+    least 8x8, finite). Which columns are numbers and labels is checked when a job names them.
 
     Returns:
         ``{"train": n, "test": m, "images": k}``.
 
     Raises:
-        DataListError: as :func:`load_outcome_table`.
+        DataListError: as :func:`load_outcome_table` and :func:`read_xray`, naming the file, the
+            line and the case.
     """
     rows = _read_rows(path, ["case_id", "split"])
     header = list(rows[0].keys())
     counts = {"train": 0, "test": 0, "images": 0}
     for line, row in enumerate(rows, start=2):
+        where = f"{path} line {line} (case {(row['case_id'] or '').strip()!r})"
         split = (row["split"] or "").strip()
         if split not in SPLITS:
-            raise DataListError(f"{path} line {line}: split must be one of {list(SPLITS)}, got {split!r}")
+            raise DataListError(f"{where}: split must be one of {list(SPLITS)}, got {split!r}")
         counts[split] += 1
+        _check_finite_cells(row, [c for c in header if c not in ("case_id", "split", image_column)], where)
         if image_column in header:
-            image = os.path.normpath(os.path.join(data_root, (row[image_column] or "").strip()))
+            image = path_in_data_root(data_root, (row[image_column] or "").strip(), f"{where}: column {image_column!r}")
             if not os.path.isfile(image):
-                raise DataListError(f"{path} line {line}: image {image} does not exist")
+                raise DataListError(f"{where}: image {image} does not exist")
+            try:
+                read_xray(image)
+            except DataListError as e:
+                raise DataListError(f"{where}: {e}") from None
             counts["images"] += 1
     for split in SPLITS:
         if not counts[split]:
             raise DataListError(f"outcome table {path} has no {split!r} cases")
     return counts
+
+
+def _check_finite_cells(row: dict, columns: Sequence[str], where: str) -> None:
+    """Refuse a cell that reads as a number but is not finite; text and empty cells are left to
+    the job's column checks (an empty cell may be in a column no job uses)."""
+    for column in columns:
+        text = (row.get(column) or "").strip()
+        try:
+            value = float(text)
+        except ValueError:
+            continue
+        if not math.isfinite(value):
+            raise DataListError(f"{where}: column {column!r} is not finite: {text!r}")
 
 
 def _number(text: Optional[str], column: str, where: str) -> float:

@@ -14,7 +14,9 @@ Into the **server** workspace (``startup/fed_server.json``) it installs only the
 the server builds medflare's aggregators and persistor, and has no privacy policy or data.
 
 Nothing is written until every file has been built and checked: the profile's filters are
-built from their arguments, the datalist is read and every image in it must exist, and the
+built from their arguments, the datalist (or outcome table) is read and every file it names must
+lie inside the data root and pass the content checks the trainer runs
+(:mod:`medflare.data.brats_volume_checks`: labels, shapes, affines, finite voxels), and the
 staged policy is loaded by NVFlare's own privacy configurator. Files are then swapped in one at
 a time with the previous versions kept in ``local/medflare_backup/<time>/``; if any swap fails
 the earlier ones are rolled back, so a site never runs with half a profile. The FLARE client
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from medflare.data.brats_layout import DataListError, load_datalist, read_json_object
+from medflare.data.brats_volume_checks import check_brats_subjects
 from medflare.data.site_data_config import LOCAL_FILE_NAME as DATA_CONFIG_FILE
 from medflare.sites.class_allow_list import site_class_allow_list
 from medflare.sites.site_profiles import AUTO, SiteProfile, SiteProfileError, resolve_profile
@@ -150,7 +153,7 @@ def _merge_resources(current: dict, profile: Optional[SiteProfile], gpus: Option
 
 def _data_config(data: str, data_root: Optional[str]) -> tuple[dict, list]:
     """Read ``data`` (a site data configuration, a datalist or an outcome table) and check
-    every file it names."""
+    every file it names, content included, as the site's trainer will."""
     path = os.path.abspath(data)
     base = os.path.dirname(path)
     content = {}
@@ -181,7 +184,12 @@ def _data_config(data: str, data_root: Optional[str]) -> tuple[dict, list]:
             )
         else:
             training, validation = load_datalist(datalist, root, check_files=True)
-            note = f"data: {len(training)} training and {len(validation)} validation subjects, datalist {datalist}, images under {root}"
+            # the trainer's own content checks, so bad volumes are found now, not at the first job
+            check_brats_subjects(training + validation)
+            note = (
+                f"data: {len(training)} training and {len(validation)} validation subjects, datalist {datalist}, "
+                f"images under {root}; labels, shapes, affines and voxels checked"
+            )
     except DataListError as e:
         raise InstallError(f"--data {data}: {e}") from None
     return {"data_root": root, "datalist": datalist}, [note]

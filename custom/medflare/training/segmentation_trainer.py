@@ -15,6 +15,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from medflare.data.brats_volume_checks import check_brats_subjects
 from medflare.training.brats_transforms import REGIONS, train_transforms, val_transforms
 from medflare.training.device import select_device, use_amp
 from medflare.training.model_weights import TrainResult, WeightMismatchError, get_weights, set_weights, weight_diff
@@ -50,7 +51,8 @@ class SegmentationTrainer:
 
     Args:
         model: the network (4 input channels, 3 output logits: TC, WT, ET).
-        train_files: ``[{"image": [t1, t1ce, t2, flair], "label": seg}, ...]``.
+        train_files: ``[{"image": [t1, t1ce, t2, flair], "label": seg}, ...]``; every subject is
+            checked by :func:`~medflare.data.brats_volume_checks.check_brats_subjects` first.
         val_files: same form, for validation.
         roi_size: training crop size, three ints >= 8.
         val_roi_size: sliding-window size for validation; defaults to ``roi_size``.
@@ -62,6 +64,10 @@ class SegmentationTrainer:
         pixdim: resample to this voxel size (mm) when given; None keeps the data's grid.
         seed: seed of crops and augmentation.
         sw_batch_size: windows per forward pass during validation.
+
+    Raises:
+        ValueError: an argument out of range.
+        DataListError: a subject's volume is unreadable or fails a check, naming the file.
     """
 
     def __init__(
@@ -95,6 +101,8 @@ class SegmentationTrainer:
             raise ValueError(f"cache_rate must be in [0, 1], got {cache_rate!r}")
         if not train_files or not val_files:
             raise ValueError("train_files and val_files must both be non-empty")
+        # labels, grids and finiteness of every volume, before any step; each file once per process
+        check_brats_subjects(list(train_files) + list(val_files))
 
         self.roi_size = tuple(roi_size)
         self.val_roi_size = tuple(val_roi_size)

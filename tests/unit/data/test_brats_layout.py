@@ -10,6 +10,7 @@ from medflare.data.brats_layout import (
     load_datalist,
     make_datalist,
 )
+from medflare.data.data_root_paths import DataPathError
 
 
 def _touch(path):
@@ -120,3 +121,64 @@ def test_missing_datalist_and_missing_image_are_named(tmp_path):
     path.write_text(json.dumps({"training": [entry], "validation": [entry]}))
     with pytest.raises(DataListError, match="missing file: .*x_t1.nii.gz"):
         load_datalist(str(path), str(tmp_path))
+
+
+def _entry(prefix):
+    return {"image": [f"{prefix}_{m}.nii.gz" for m in MODALITIES], "label": f"{prefix}_seg.nii.gz"}
+
+
+def _write_datalist(path, training, validation=None):
+    path.write_text(json.dumps({"training": training, "validation": [_entry("S0/S0")] if validation is None else validation}))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"label": "../../etc/passwd"}, r"training\[0\] label: '../../etc/passwd' resolves to /.*/etc/passwd, outside"),
+        ({"label": "../" * 30 + "etc/passwd"}, r"training\[0\] label: '(\.\./)+etc/passwd' resolves to /etc/passwd, outside"),
+        ({"label": "/etc/passwd"}, r"training\[0\] label: '/etc/passwd' resolves to /etc/passwd"),
+        ({"image": ["S0/S0_t1.nii.gz", "../../etc/hosts", "S0/S0_t2.nii.gz", "S0/S0_flair.nii.gz"]}, r"training\[0\] image t1ce: '../../etc/hosts'"),
+        ({"image": ["S0/../../S0_t1.nii.gz", "S0/S0_t1ce.nii.gz", "S0/S0_t2.nii.gz", "S0/S0_flair.nii.gz"]}, r"training\[0\] image t1: "),
+        ({"label": ""}, r"training\[0\] label: a path must be a non-empty string, got ''"),
+    ],
+)
+def test_a_datalist_path_leaving_the_data_root_is_refused_naming_the_entry(tmp_path, change, named):
+    root = tmp_path / "data"
+    _subject(str(root), "S0")
+    datalist = _write_datalist(root / "datalist.json", [{**_entry("S0/S0"), **change}])
+    with pytest.raises(DataPathError, match=named) as err:
+        load_datalist(datalist, str(root))
+    assert str(err.value).startswith(f"datalist {datalist}: ")
+
+
+def test_a_symlink_out_of_the_data_root_is_refused_even_when_the_file_exists(tmp_path):
+    root = tmp_path / "data"
+    _subject(str(root), "S0")
+    elsewhere = tmp_path / "elsewhere_seg.nii.gz"
+    elsewhere.write_bytes(b"")
+    os.remove(root / "S0" / "S0_seg.nii.gz")
+    (root / "S0" / "S0_seg.nii.gz").symlink_to(elsewhere)
+    datalist = _write_datalist(root / "datalist.json", [_entry("S0/S0")])
+    with pytest.raises(DataPathError, match=rf"training\[0\] label: 'S0/S0_seg.nii.gz' resolves to {elsewhere}"):
+        load_datalist(datalist, str(root))
+
+
+@pytest.mark.parametrize(
+    "training, validation, message",
+    [
+        ([{"image": _entry("S0/S0")["image"]}], None, r"training\[0\] must have 'image' .* and 'label'"),
+        ([{**_entry("S0/S0"), "label": None}], None, r"training\[0\] must have"),
+        ([_entry("S0/S0")], [{"image": _entry("S0/S0")["image"][:3], "label": "S0/S0_seg.nii.gz"}], r"validation\[0\] must have 'image' \(a list of 4"),
+        ([], None, "needs a non-empty list under 'training'"),
+        ([_entry("S0/S0")], [], "needs a non-empty list under 'validation'"),
+        (["S0/S0_t1.nii.gz"], None, r"training\[0\] must have"),
+    ],
+    ids=["no-label", "null-label", "three-modalities", "empty-training", "empty-validation", "a-string"],
+)
+def test_incomplete_entries_and_empty_lists_are_refused_naming_the_file(tmp_path, training, validation, message):
+    _subject(str(tmp_path), "S0")
+    datalist = _write_datalist(tmp_path / "datalist.json", training, validation)
+    with pytest.raises(DataListError, match=message) as err:
+        load_datalist(datalist, str(tmp_path))
+    assert datalist in str(err.value)

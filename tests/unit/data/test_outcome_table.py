@@ -330,3 +330,98 @@ def test_a_multi_frame_dicom_is_refused(tmp_path):
     ds.save_as(path, enforce_file_format=True)
     with pytest.raises(DataListError, match=re.escape(f"image {path} must be a single-frame greyscale DICOM")):
         read_xray(path)
+
+
+# --- image paths stay inside the data root ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "image",
+    ["../outside.png", "images/../../outside.png", "{tmp}/outside.png", "images/link.png"],
+    ids=["dotdot", "nested-dotdot", "absolute", "symlink"],
+)
+def test_an_image_outside_the_data_root_is_refused_naming_the_line_and_case(tmp_path, image):
+    from medflare.data.data_root_paths import DataPathError
+
+    root = tmp_path / "site"
+    (root / "images").mkdir(parents=True)
+    outside = write_png(tmp_path / "outside.png", gradient())
+    (root / "images" / "link.png").symlink_to(outside)
+    write_png(root / "images" / "a.png", gradient())
+    rows = [list(GOOD_ROWS[0]), list(GOOD_ROWS[1])]
+    rows[1][2] = image.format(tmp=tmp_path)
+    table = write_table(root / "table.csv", rows)
+    with pytest.raises(DataPathError) as raised:
+        load_outcome_table(table, str(root), CLINICAL, LABELS, image_column="image")
+    text = str(raised.value)
+    assert text.startswith(f"{table} line 3 (case 'b'): column 'image': ")
+    assert f"resolves to {os.path.realpath(outside)}" in text and f"outside the data root {os.path.realpath(root)}" in text
+
+
+# --- check_outcome_table: what the site install reads -----------------------------------------
+
+
+def _install_site(tmp_path, rows, header=HEADER):
+    (tmp_path / "images").mkdir(exist_ok=True)
+    for name in ("a", "b"):
+        write_png(tmp_path / "images" / f"{name}.png", gradient())
+    return write_table(tmp_path / "table.csv", rows, header)
+
+
+def test_check_outcome_table_counts_cases_and_reads_every_image(tmp_path):
+    from medflare.data.outcome_table import check_outcome_table
+
+    table = _install_site(tmp_path, GOOD_ROWS)
+    assert check_outcome_table(table, str(tmp_path)) == {"train": 1, "test": 1, "images": 1 + 1}
+
+
+@pytest.mark.parametrize(
+    "rows, prepare, message",
+    [
+        (replace(1, "spo2", "nan"), None, "line 3 (case 'b'): column 'spo2' is not finite: 'nan'"),
+        (replace(0, "age", "-inf"), None, "line 2 (case 'a'): column 'age' is not finite: '-inf'"),
+        (replace(0, "o2_24h", "Infinity"), None, "line 2 (case 'a'): column 'o2_24h' is not finite: 'Infinity'"),
+        (replace(1, "image", "../x.png"), None, "line 3 (case 'b'): column 'image': '../x.png' resolves to"),
+        (replace(1, "image", "/etc/hostname"), None, "line 3 (case 'b'): column 'image': '/etc/hostname' resolves to /etc/hostname"),
+        (GOOD_ROWS, lambda root: (root / "images" / "b.png").write_bytes(b""), "line 3 (case 'b'): cannot read image {root}/images/b.png"),
+        (GOOD_ROWS, lambda root: write_png(root / "images" / "a.png", gradient((4, 40))), "line 2 (case 'a'): image {root}/images/a.png must be one 2D greyscale image of at least 8x8, got shape (4, 40)"),
+    ],
+    ids=["nan", "minus-inf", "infinity", "dotdot", "absolute", "empty-png", "too-small-png"],
+)
+def test_check_outcome_table_refuses_naming_the_file_line_and_case(tmp_path, rows, prepare, message):
+    from medflare.data.outcome_table import check_outcome_table
+
+    table = _install_site(tmp_path, rows)
+    if prepare:
+        prepare(tmp_path)
+    with pytest.raises(DataListError) as raised:
+        check_outcome_table(table, str(tmp_path))
+    assert str(raised.value).startswith(table)
+    assert message.format(root=tmp_path) in str(raised.value)
+
+
+def test_check_outcome_table_leaves_text_and_empty_cells_to_the_job(tmp_path):
+    from medflare.data.outcome_table import check_outcome_table
+
+    rows = [row + extra for row, extra in zip(GOOD_ROWS, (["F", ""], ["nanny", "3"]))]
+    table = _install_site(tmp_path, rows, HEADER + ["sex", "unused"])
+    assert check_outcome_table(table, str(tmp_path))["images"] == 2
+
+
+def test_an_rgb_dicom_is_refused_naming_the_file(tmp_path):
+    import pydicom
+
+    path = write_dicom(tmp_path / "x.dcm", gradient((8, 8), dtype=np.uint16))
+    ds = pydicom.dcmread(path)
+    ds.SamplesPerPixel = 3
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(DataListError, match=re.escape(f"image {path} must be a single-frame greyscale DICOM")):
+        read_xray(path)
+
+
+@pytest.mark.parametrize("mode", ["LA", "RGBA", "P"])
+def test_other_png_modes_become_one_greyscale_plane(tmp_path, mode):
+    array = np.stack([gradient((10, 12))] * {"LA": 2, "RGBA": 4, "P": 1}[mode], axis=-1).squeeze()
+    path = tmp_path / f"{mode}.png"
+    Image.fromarray(array).convert(mode).save(path)
+    assert read_xray(str(path)).shape == (10, 12)

@@ -153,6 +153,34 @@ def test_corrupt_image_fails_naming_the_file(tmp_path, tiny_sites, monkeypatch, 
     assert first_image.name in caplog.text
 
 
+@pytest.mark.parametrize("local_model", ["last_round", "site_only"])
+def test_a_label_outside_the_brats_labels_fails_set_up_naming_the_file(tmp_path, tiny_sites, monkeypatch, caplog, local_model):
+    import shutil
+
+    import nibabel as nib
+
+    from medflare.data.brats_volume_checks import forget_checked_files
+
+    site_dir = tmp_path / "copy"
+    shutil.copytree(os.path.dirname(tiny_sites["site-2"]), site_dir)
+    with open(site_dir / "datalist.json") as f:
+        label = site_dir / json.load(f)["training"][0]["label"]
+    image = nib.load(label)
+    nib.save(nib.Nifti1Image(np.where(np.asanyarray(image.dataobj) == 4, 3, 0).astype(np.uint8), image.affine), label)
+    forget_checked_files()
+    monkeypatch.setenv(ENV_VAR, str(site_dir / "data_config.json"))
+    fl_ctx = site_context(tmp_path, "site-2")
+    executor = SegmentationExecutor(**EXECUTOR_ARGS, local_model=local_model)
+    with caplog.at_level(logging.ERROR):
+        executor.handle_event(EventType.START_RUN, fl_ctx)
+        reply = executor.execute("train", weights_task({"w": np.zeros(1)}), fl_ctx, Signal())
+    assert executor._trainer is None
+    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    with pytest.raises(Exception):
+        from_shareable(reply)  # nothing sent
+    assert f"label {label} has value(s) [3]" in caplog.text and "outside the BraTS labels [0, 1, 2, 4]" in caplog.text
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

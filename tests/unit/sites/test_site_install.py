@@ -248,3 +248,87 @@ def test_an_outcome_table_is_checked_and_installed(tmp_path):
     with pytest.raises(InstallError, match=f"image .*{os.path.basename(first_image)} does not exist"):
         install_site(str(other), "research", str(table), gpus=0, gpu_memory_gib=0)
     assert not (other / "local" / "medflare_data.json").exists()
+
+
+def _bad_copy_of_site(tmp_path, tiny_sites, change):
+    """A copy of site-1's data with ``change(datalist, site_dir)`` applied; its datalist path."""
+    import shutil
+
+    from medflare.data.brats_volume_checks import forget_checked_files
+
+    forget_checked_files()
+    site = tmp_path / "data"
+    shutil.copytree(os.path.dirname(tiny_sites["site-1"]), site)
+    datalist = json.loads((site / "datalist.json").read_text())
+    change(datalist, site)
+    (site / "datalist.json").write_text(json.dumps(datalist))
+    return site
+
+
+def _rewrite_volume(path, change):
+    import nibabel as nib
+    import numpy as np
+
+    image = nib.load(path)
+    nib.save(nib.Nifti1Image(change(np.asanyarray(image.dataobj).copy()), image.affine), path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda d, s: _rewrite_volume(s / d["training"][1]["label"], lambda a: (a + (a == 4)).astype(a.dtype)),
+            r"--data .*datalist.json: subject \S+: label .*_seg.nii.gz has value\(s\) \[5\] in \d+ voxel\(s\), outside the BraTS labels",
+        ),
+        (
+            lambda d, s: _rewrite_volume(s / d["validation"][0]["label"], lambda a: a.astype("float32") / 2),
+            r"label .*_seg.nii.gz \(float32\) has \d+ non-integer voxel\(s\)",
+        ),
+        (
+            lambda d, s: _rewrite_volume(s / d["training"][0]["image"][3], lambda a: a[:, :, :20]),
+            r"modality flair image .*_flair.nii.gz has shape \(32, 32, 20\), but modality t1 image",
+        ),
+        (
+            lambda d, s: _rewrite_volume(s / d["training"][0]["image"][1], lambda a: a.astype("float32") * float("nan")),
+            r"modality t1ce image .*_t1ce.nii.gz has \d+ NaN and 0 infinite voxel\(s\)",
+        ),
+        (
+            lambda d, s: d["training"][0].update(label="../../../../../../../../../etc/passwd"),
+            r"training\[0\] label: '(\.\./)+etc/passwd' resolves to /etc/passwd, outside the data root",
+        ),
+        (
+            lambda d, s: open(s / d["training"][2]["image"][0], "r+b").truncate(200),
+            r"cannot read (the voxels of )?modality t1 image .*_t1.nii.gz",
+        ),
+    ],
+    ids=["label-5", "label-halves", "flair-shape", "t1ce-nan", "path-escape", "truncated"],
+)
+def test_a_site_whose_volumes_fail_the_trainers_checks_is_refused_naming_the_file(tmp_path, tiny_sites, change, message):
+    site = _bad_copy_of_site(tmp_path, tiny_sites, change)
+    ws = _workspace(tmp_path)
+    before = _snapshot(ws)
+    with pytest.raises(InstallError, match=message):
+        install_site(str(ws), "research", str(site / "datalist.json"), data_root=str(site), gpus=0, gpu_memory_gib=0)
+    assert _snapshot(ws) == before
+
+
+def test_an_outcome_table_with_a_non_finite_value_or_an_outside_image_is_refused(tmp_path):
+    from medflare.data.cxr_synthetic import generate_cxr_sites
+
+    configs = generate_cxr_sites(str(tmp_path / "cxr"), sites=2, cases=8, size=32)
+    table = tmp_path / "cxr" / "site-1" / "cases.csv"
+    lines = table.read_text().splitlines()
+    header = lines[0].split(",")
+    row = lines[1].split(",")
+    numeric = next(i for i, c in enumerate(row) if header[i] not in ("case_id", "split", "image") and c.replace(".", "").isdigit())
+    ws = _workspace(tmp_path)
+    for index, value, message in (
+        (numeric, "nan", rf"line 2 \(case '{row[0]}'\): column '{header[numeric]}' is not finite: 'nan'"),
+        (header.index("image"), "../../../etc/hostname", r"line 2 .*: column 'image': '\.\./\.\./\.\./etc/hostname' resolves to"),
+    ):
+        bad = list(row)
+        bad[index] = value
+        table.write_text("\n".join([lines[0], ",".join(bad)] + lines[2:]) + "\n")
+        with pytest.raises(InstallError, match=rf"--data .*: {table}.*{message}"):
+            install_site(str(ws), "research", configs["site-1"], gpus=0, gpu_memory_gib=0)
+        assert not (ws / "local" / "medflare_data.json").exists()

@@ -1,4 +1,5 @@
 import math
+import os
 
 import numpy as np
 import pytest
@@ -95,3 +96,66 @@ def test_bad_arguments_are_refused(tiny_site_files, kwargs, message):
     train, val = tiny_site_files
     with pytest.raises(ValueError, match=message):
         SegmentationTrainer(build_model(TINY_SEGRESNET), train, val, **kwargs)
+
+
+# --- the site's volumes are checked once, before any step ------------------------------------
+
+
+@pytest.fixture()
+def site_copy(tmp_path, tiny_sites):
+    """A writable copy of site-1: (training, validation) file lists of the copy."""
+    import shutil
+
+    from medflare.data.brats_layout import load_datalist
+    from medflare.data.brats_volume_checks import forget_checked_files
+
+    site_dir = tmp_path / "site"
+    shutil.copytree(os.path.dirname(tiny_sites["site-1"]), site_dir)
+    forget_checked_files()
+    yield load_datalist(str(site_dir / "datalist.json"), str(site_dir))
+    forget_checked_files()
+
+
+def _rewrite(path, change):
+    import nibabel as nib
+
+    image = nib.load(path)
+    array = change(np.asanyarray(image.dataobj).copy())
+    nib.save(nib.Nifti1Image(array, image.affine), path)
+
+
+@pytest.mark.parametrize(
+    "which, change, message",
+    [
+        ("label", lambda a: np.where(a == 4, 3, a).astype(a.dtype), r"value\(s\) \[3\] in \d+ voxel\(s\), outside the BraTS labels \[0, 1, 2, 4\]"),
+        ("label", lambda a: a[:, :, :-1], r"has shape \(32, 32, 31\), but modality t1 image"),
+        ("t2", lambda a: np.where(a == a.max(), np.nan, a).astype(np.float32), r"modality t2 image .* NaN .* every image voxel must be finite"),
+        ("flair", lambda a: a[:-2], r"modality flair image .* has shape \(30, 32, 32\)"),
+    ],
+    ids=["label-3", "label-shape", "nan-voxel", "modality-shape"],
+)
+def test_bad_site_data_is_refused_before_training_naming_the_file(site_copy, which, change, message):
+    from medflare.data.brats_volume_checks import VolumeCheckError
+
+    train, val = site_copy
+    subject = val[0]
+    path = subject["label"] if which == "label" else subject["image"][["t1", "t1ce", "t2", "flair"].index(which)]
+    _rewrite(path, change)
+    with pytest.raises(VolumeCheckError, match=message) as raised:
+        SegmentationTrainer(build_model(TINY_SEGRESNET), train, val, roi_size=(16, 16, 16), device="cpu")
+    assert path in str(raised.value)
+
+
+def test_volumes_are_checked_once_not_each_epoch_nor_for_a_second_trainer(site_copy, monkeypatch):
+    import medflare.data.brats_volume_checks as checks
+
+    train, val = site_copy
+    reads = []
+    real_voxels = checks._voxels
+    monkeypatch.setattr(checks, "_voxels", lambda *args: reads.append(args[1]) or real_voxels(*args))
+    kwargs = dict(roi_size=(16, 16, 16), val_roi_size=(32, 32, 32), device="cpu", cache_rate=0.0)
+    trainer = SegmentationTrainer(build_model(TINY_SEGRESNET), train, val, **kwargs)
+    assert sorted(reads) == sorted(p for e in train + val for p in e["image"] + [e["label"]])
+    trainer.train(epochs=2, max_steps=2)  # cache_rate 0: MONAI loads again each epoch, the checks do not
+    SegmentationTrainer(build_model(TINY_SEGRESNET), train, val, **kwargs)  # the site-only model's trainer
+    assert len(reads) == 5 * len(train + val)
