@@ -1,23 +1,29 @@
 """NVFlare aggregator for the FedAvg workflow that checks every contribution whole before using it.
 
 It plugs into ``ScatterAndGather`` as its ``aggregator`` component. Each site's result is
-checked completely first (return code, round, the same site twice, data kind, weight, keys,
-shapes, dtypes, finiteness, optional norm bound, see :mod:`.contribution_checks`); partial
-updates sent sparse (:mod:`medflare.transport.sparse_update`) are restored first, and the
-entries they carried are what ``sharer_mean`` averages over; a refused
-contribution is logged with the site and the reason and nothing of it is used; the round goes
-on with the others. Accepted contributions are combined by the chosen estimator
-(:mod:`.estimators`).
+checked completely first: the peer's identity, the return code, the round (the server's
+``CURRENT_ROUND`` and the result's ``CONTRIBUTION_ROUND`` cookie, both required ints), the same
+site twice, the data kind, the weight (finite, positive, at most ``max_weight``), and then,
+against the global model that ``ScatterAndGather`` puts in the ``FLContext`` (required), the
+keys, shapes, dtypes, values in the model's dtype and the norm (see
+:mod:`.contribution_checks`). Partial updates sent sparse
+(:mod:`medflare.transport.sparse_update`) are restored first, and the entries they carried are
+what ``sharer_mean`` averages over. A refused contribution is logged with the site and the
+reason and nothing of it is used; the round goes on with the others. Accepted contributions
+are combined by the chosen estimator (:mod:`.estimators`) in float64 and returned in the global
+model's dtypes. After ``fail_after_empty_rounds`` consecutive rounds with no accepted
+contribution the job is stopped (``system_panic``).
+
+Key names come from :mod:`medflare.wire_contract`; the server imports no client module.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
 
-from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
@@ -25,15 +31,24 @@ from nvflare.app_common.abstract.aggregator import Aggregator
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
-from medflare.aggregators.contribution_checks import ContributionRejected, check_contribution, model_spec
-from medflare.aggregators.estimators import ESTIMATORS, combine
-from medflare.privacy.argument_checks import check_real
-from medflare.filters.percentile_sharing import SHARING_META_KEY
+from medflare.aggregators.contribution_checks import (
+    ContributionRejected,
+    check_round,
+    check_weight,
+    checked_contribution,
+    model_spec,
+)
+from medflare.aggregators.estimators import ESTIMATORS, combine, total_weight
+from medflare.privacy.argument_checks import check_int, check_real
 from medflare.transport.sparse_update import SparseTensor, decode_sparse, decode_sparse_with_masks, register_sparse_decomposers
+from medflare.wire_contract import AGGREGATION, NUM_STEPS, PERCENTILE_SHARING
 
 __all__ = ["ValidatedAggregator", "AGGREGATION_META_KEY"]
 
-AGGREGATION_META_KEY = "medflare_aggregation"
+#: the aggregation record's meta key; an alias of :data:`medflare.wire_contract.AGGREGATION`
+AGGREGATION_META_KEY = AGGREGATION
+
+_UNWEIGHTED = ("median", "trimmed_mean")
 
 
 class ValidatedAggregator(Aggregator):
@@ -42,21 +57,31 @@ class ValidatedAggregator(Aggregator):
     Args:
         expected_data_kind: ``"WEIGHT_DIFF"`` (default) or ``"WEIGHTS"``.
         weight_meta_key: DXO meta key of each site's weight (default ``NUM_STEPS_CURRENT_ROUND``).
-        default_weight: weight for a site that reports none; null (default) refuses such sites.
+        default_weight: weight for a site that reports none; null (default) refuses such sites
+            unless ``equal_weights_when_withheld`` is set.
         max_update_norm: refuse updates whose L2 norm exceeds this; null for no bound.
         estimator: ``"weighted_mean"``, ``"sharer_mean"`` (for partial sharing), ``"median"``
             or ``"trimmed_mean"``.
         trim_fraction: share of values cut from each end by ``trimmed_mean``, in [0, 0.5).
+        max_weight: refuse a weight above this; null for no cap.
+        equal_weights_when_withheld: when a site's privacy scope withholds its weight (the meta
+            key is missing), accept the contribution and weight every accepted site of that
+            round equally; exclusive with ``default_weight``.
+        fail_after_empty_rounds: stop the job (``system_panic``) after this many consecutive
+            rounds in which no contribution was accepted; null (default) never stops it.
     """
 
     def __init__(
         self,
         expected_data_kind: str = "WEIGHT_DIFF",
-        weight_meta_key: str = MetaKey.NUM_STEPS_CURRENT_ROUND,
+        weight_meta_key: str = NUM_STEPS,
         default_weight: Optional[float] = None,
         max_update_norm: Optional[float] = None,
         estimator: str = "weighted_mean",
         trim_fraction: float = 0.1,
+        max_weight: Optional[float] = None,
+        equal_weights_when_withheld: bool = False,
+        fail_after_empty_rounds: Optional[int] = None,
     ):
         super().__init__()
         if expected_data_kind not in ("WEIGHT_DIFF", "WEIGHTS"):
@@ -70,44 +95,80 @@ class ValidatedAggregator(Aggregator):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         check_real("trim_fraction", trim_fraction, 0.0, 0.5, high_open=True)
+        if max_weight is not None:
+            check_real("max_weight", max_weight, 0.0, None, low_open=True)
+            if default_weight is not None and default_weight > max_weight:
+                raise ValueError(f"default_weight {default_weight!r} exceeds max_weight {max_weight!r}")
+        if not isinstance(equal_weights_when_withheld, bool):
+            raise TypeError(f"equal_weights_when_withheld must be true or false, got {equal_weights_when_withheld!r}")
+        if equal_weights_when_withheld and default_weight is not None:
+            raise ValueError(
+                f"default_weight ({default_weight!r}) and equal_weights_when_withheld (true) both say what a "
+                "withheld weight means; set one of them"
+            )
+        if fail_after_empty_rounds is not None:
+            check_int("fail_after_empty_rounds", fail_after_empty_rounds, 1, None)
         self.expected_data_kind = expected_data_kind
         self.weight_meta_key = weight_meta_key
         self.default_weight = default_weight
         self.max_update_norm = max_update_norm
         self.estimator = estimator
         self.trim_fraction = trim_fraction
+        self.max_weight = max_weight
+        self.equal_weights_when_withheld = equal_weights_when_withheld
+        self.fail_after_empty_rounds = fail_after_empty_rounds
         register_sparse_decomposers()  # so that sparse partial updates can be received
-        self._accepted: list[tuple[str, dict, float, Optional[dict]]] = []
-        self._rejected: dict[str, str] = {}
-        self._spec = None
+        self._empty_rounds = 0
+        self._aggregated_round: Optional[int] = None
+        self.reset(None)
 
-    def reset(self, fl_ctx: FLContext):
-        self._accepted = []
-        self._rejected = {}
+    def reset(self, fl_ctx: Optional[FLContext]):
+        #: (site, update in the model's dtypes, weight or None when withheld, masks or None, norm)
+        self._accepted: list[tuple[str, dict, Optional[float], Optional[dict], float]] = []
+        self._rejected: dict[str, str] = {}
+        self._round: Optional[int] = None
         self._spec = None
 
     # accepting -----------------------------------------------------------------------------
 
     def accept(self, shareable: Shareable, fl_ctx: FLContext) -> bool:
-        site = shareable.get_peer_prop(key=ReservedKey.IDENTITY_NAME, default="?")
+        site = shareable.get_peer_prop(key=ReservedKey.IDENTITY_NAME, default=None)
         current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        if current_round != self._round:  # a workflow that never called reset(): start the round afresh
+            self.reset(fl_ctx)
+            self._round = current_round
         try:
-            data, weight, masks = self._validated(shareable, site, current_round, fl_ctx)
+            if not isinstance(site, str) or not site:
+                raise ContributionRejected(f"the peer has no identity name (got {site!r:.60})")
+            contribution = self._validated(shareable, site, current_round, fl_ctx)
         except ContributionRejected as e:
-            self._rejected[site] = str(e)
-            self.log_error(fl_ctx, f"rejected the contribution of {site} in round {current_round}: {e}")
-            return False
-        self._accepted.append((site, data, weight, masks))
-        self.log_info(fl_ctx, f"accepted the contribution of {site} in round {current_round} (weight {weight:g})")
+            return self._reject(site, current_round, str(e), fl_ctx)
+        except Exception as e:  # fail closed: what cannot be checked is not aggregated
+            return self._reject(site, current_round, f"could not be checked ({type(e).__name__}: {e})", fl_ctx)
+        self._accepted.append(contribution)
+        weight = contribution[2]
+        self.log_info(
+            fl_ctx,
+            f"accepted the contribution of {site} in round {current_round} "
+            f"(weight {'withheld' if weight is None else f'{weight:g}'}, norm {contribution[4]:.4g})",
+        )
         return True
+
+    def _reject(self, site, current_round, reason: str, fl_ctx: FLContext) -> bool:
+        name = site if isinstance(site, str) and site else "?"
+        while name in self._rejected:  # a second refusal of the same name keeps the first reason
+            name += "'"
+        self._rejected[name] = reason
+        self.log_error(fl_ctx, f"rejected the contribution of {name} in round {current_round}: {reason}")
+        return False
 
     def _validated(self, shareable: Shareable, site: str, current_round, fl_ctx: FLContext):
         rc = shareable.get_return_code(ReturnCode.OK)
         if rc != ReturnCode.OK:
             raise ContributionRejected(f"return code {rc}")
-        contribution_round = shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND)
-        if current_round is not None and contribution_round is not None and contribution_round != current_round:
-            raise ContributionRejected(f"it is for round {contribution_round}")
+        round_number = check_round(shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND), current_round)
+        if round_number == self._aggregated_round:
+            raise ContributionRejected(f"round {round_number} was already aggregated")
         if any(s == site for s, *_ in self._accepted):
             raise ContributionRejected("the same site already contributed this round")
         try:
@@ -118,16 +179,16 @@ class ValidatedAggregator(Aggregator):
         if kind != self.expected_data_kind:
             raise ContributionRejected(f"data kind {kind}, expected {self.expected_data_kind}")
         weight = self._weight(dxo)
-        spec = self._model_spec(fl_ctx, dxo.data)
+        spec = self._model_spec(fl_ctx)
         sharer_mean = self.estimator == "sharer_mean"
         data, sent = self._restored(dxo.data, spec, with_masks=sharer_mean)
-        check_contribution(data, spec, self.max_update_norm)
+        data, norm = checked_contribution(data, spec, self.max_update_norm)
         masks = None
         if sharer_mean:
-            if sent is None and dxo.get_meta_prop(SHARING_META_KEY):
+            if sent is None and dxo.get_meta_prop(PERCENTILE_SHARING):
                 sent = {k: v != 0 for k, v in data.items()}  # dense partial update: zeros were withheld
             masks = sent or {k: np.ones(v.shape, bool) for k, v in data.items()}
-        return data, weight, masks
+        return site, data, weight, masks, norm
 
     @staticmethod
     def _restored(data, spec, with_masks: bool):
@@ -145,60 +206,93 @@ class ValidatedAggregator(Aggregator):
         except ValueError as e:
             raise ContributionRejected(f"malformed sparse payload: {e}") from None
 
-    def _weight(self, dxo: DXO) -> float:
+    def _weight(self, dxo: DXO) -> Optional[float]:
+        """The site's weight; None when it is withheld and the job weights such rounds equally."""
         weight = dxo.get_meta_prop(self.weight_meta_key)
         if weight is None:
+            if self.equal_weights_when_withheld:
+                return None
             if self.default_weight is None:
-                raise ContributionRejected(f"no weight ({self.weight_meta_key}) and no default_weight set")
+                raise ContributionRejected(
+                    f"no weight ({self.weight_meta_key}) and neither default_weight nor equal_weights_when_withheld set"
+                )
             return float(self.default_weight)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
-            raise ContributionRejected(f"weight {self.weight_meta_key}={weight!r} is not a positive number")
-        return float(weight)
+        return check_weight(weight, self.weight_meta_key, self.max_weight)
 
-    def _model_spec(self, fl_ctx: FLContext, data: dict):
+    def _model_spec(self, fl_ctx: FLContext):
         if self._spec is None:
             global_model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
             weights = global_model.get(ModelLearnableKey.WEIGHTS) if isinstance(global_model, dict) else None
-            if weights:
-                self._spec = model_spec(weights)
-            elif self._accepted:
-                self._spec = model_spec(self._accepted[0][1])
-            elif all(isinstance(v, SparseTensor) for v in data.values()):
-                return {k: (tuple(v.shape), v.dtype) for k, v in data.items()}
-            else:
-                # no global model to compare with: the first contribution sets the layout
-                return model_spec(data)
+            if not isinstance(weights, dict) or not weights:
+                raise ContributionRejected(
+                    "the server has no global model to check it against (AppConstants.GLOBAL_MODEL holds "
+                    f"{type(global_model).__name__}); nothing is aggregated without one"
+                )
+            self._spec = model_spec(weights)
         return self._spec
 
     # aggregating ---------------------------------------------------------------------------
 
     def aggregate(self, fl_ctx: FLContext) -> Shareable:
         current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        accepted = sorted(self._accepted, key=lambda c: c[0])  # site order: same inputs, same bits
         meta = {
             AGGREGATION_META_KEY: {
                 "estimator": self.estimator,
-                "accepted": [s for s, *_ in self._accepted],
+                "accepted": [c[0] for c in accepted],
                 "rejected": dict(self._rejected),
+                "update_norms": {c[0]: float(c[4]) for c in accepted},
             }
         }
-        if not self._accepted:
-            self.log_error(fl_ctx, f"round {current_round}: no contribution accepted; the global model is unchanged")
-            global_model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
-            weights = global_model.get(ModelLearnableKey.WEIGHTS, {}) if isinstance(global_model, dict) else {}
-            self.reset(fl_ctx)
-            if self.expected_data_kind == DataKind.WEIGHTS:
-                unchanged = {k: np.array(v, copy=True) for k, v in weights.items()}
-            else:
-                unchanged = {k: np.zeros(np.shape(v), dtype=np.asarray(v).dtype) for k, v in weights.items()}
-            return DXO(data_kind=self.expected_data_kind, data=unchanged, meta=meta).to_shareable()
-        # combined in site order, not arrival order: the same contributions give the same bits
-        sites, updates, weights, masks = zip(*sorted(self._accepted, key=lambda c: c[0]))
-        combined = combine(list(updates), list(weights), self.estimator, list(masks), self.trim_fraction)
-        meta[MetaKey.NUM_STEPS_CURRENT_ROUND] = sum(weights)
+        if isinstance(current_round, int) and not isinstance(current_round, bool):
+            self._aggregated_round = current_round
+        global_model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+        global_weights = global_model.get(ModelLearnableKey.WEIGHTS, {}) if isinstance(global_model, dict) else {}
+        spec = self._spec
+        self.reset(fl_ctx)
+        if not accepted:
+            self._count_empty_round(current_round, fl_ctx)
+            return self._unchanged(global_weights, meta)
+        self._empty_rounds = 0
+        sites, updates, weights, masks, _ = zip(*accepted)
+        weights, meta[AGGREGATION_META_KEY]["weighting"] = self._round_weights(sites, weights, current_round, fl_ctx)
+        dtypes = {k: dtype for k, (_, dtype) in spec.items()}
+        combined = combine(list(updates), weights, self.estimator, list(masks), self.trim_fraction, dtypes)
+        meta[NUM_STEPS] = total_weight(weights)
         self.log_info(
             fl_ctx,
             f"round {current_round}: {self.estimator} of {len(sites)} contributions ({', '.join(sites)}); "
-            f"rejected: {self._rejected or 'none'}",
+            f"rejected: {meta[AGGREGATION_META_KEY]['rejected'] or 'none'}",
         )
-        self.reset(fl_ctx)
         return DXO(data_kind=self.expected_data_kind, data=combined, meta=meta).to_shareable()
+
+    def _round_weights(self, sites, weights, current_round, fl_ctx: FLContext) -> tuple[list[float], str]:
+        withheld = [s for s, w in zip(sites, weights) if w is None]
+        if self.estimator in _UNWEIGHTED:
+            return [1.0] * len(sites), "unweighted"
+        if withheld:
+            self.log_warning(
+                fl_ctx,
+                f"round {current_round}: {', '.join(withheld)} withheld {self.weight_meta_key}; "
+                f"every accepted site is weighted equally this round",
+            )
+            return [1.0] * len(sites), f"equal (weight withheld by: {', '.join(withheld)})"
+        return list(weights), f"by {self.weight_meta_key}"
+
+    def _count_empty_round(self, current_round, fl_ctx: FLContext) -> None:
+        self._empty_rounds += 1
+        self.log_error(fl_ctx, f"round {current_round}: no contribution accepted; the global model is unchanged")
+        if self.fail_after_empty_rounds is not None and self._empty_rounds >= self.fail_after_empty_rounds:
+            reason = (
+                f"{self._empty_rounds} consecutive rounds without an accepted contribution "
+                f"(fail_after_empty_rounds={self.fail_after_empty_rounds}); stopping the job"
+            )
+            self.log_error(fl_ctx, reason)
+            self.system_panic(reason, fl_ctx)
+
+    def _unchanged(self, global_weights: dict, meta: dict) -> Shareable:
+        if self.expected_data_kind == DataKind.WEIGHTS:
+            data = {k: np.array(v, copy=True) for k, v in global_weights.items()}
+        else:
+            data = {k: np.zeros(np.shape(v), dtype=model_spec({k: v})[k][1]) for k, v in global_weights.items()}
+        return DXO(data_kind=self.expected_data_kind, data=data, meta=meta).to_shareable()
