@@ -4,7 +4,8 @@
     medflare data heart --out DIR [--no-normalise]
     medflare data cxr --out DIR [--sites N] [--cases C] [--size S] [--seed K] [--force]
     medflare run JOB_DIR [--sites N] [--rounds R] [--workspace DIR] [--data DIR] ...
-    medflare budget show --workspace SITE_DIR [--delta D] [--accountant rdp|prv]
+    medflare budget show SITE_DIR [--delta D] [--accountant rdp|prv]
+    medflare budget acknowledge SITE_DIR --reason TEXT
     medflare site profiles | install --workspace DIR [--profile P --data D] | show --workspace DIR
     medflare report PATH [--metric auc] [--global-model best|final|KEY] [--out DIR]
 """
@@ -67,19 +68,37 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gpu", default=None, help="GPU ids for the simulator, e.g. 0 or 0,1")
     budget = sub.add_parser("budget", help="a site's differential-privacy budget")
     budget_sub = budget.add_subparsers(dest="action", required=True)
-    show = budget_sub.add_parser("show", help="print the site's privacy ledger and the epsilon spent")
-    show.add_argument("--workspace", required=True, help="the FLARE client's workspace folder (or the ledger file)")
-    show.add_argument("--delta", type=float, default=None, help="delta to compute epsilon at (default: the ledger's)")
+    show = budget_sub.add_parser("show", help="print the site's budget, the epsilon spent per job and any tamper events")
+    _workspace_arguments(show)
+    show.add_argument("--delta", type=float, default=None, help="delta to compute epsilon at (default: the site's)")
     show.add_argument("--accountant", choices=["rdp", "prv"], default=None)
+    ack = budget_sub.add_parser(
+        "acknowledge",
+        help="lift a block on a missing, damaged or rolled-back ledger after looking; spent epsilon is carried over, never reset",
+    )
+    _workspace_arguments(ack)
+    ack.add_argument("--reason", required=True, help="what you found and did; recorded in the ledger")
     add_site_parser(sub)
     add_report_parser(sub)
     return parser
 
 
-def _budget(args) -> int:
-    from medflare.cli.budget import format_budget, ledger_path
+def _workspace_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("site_workspace", nargs="?", default=None, metavar="WORKSPACE", help="the FLARE client's workspace folder (or the ledger file)")
+    parser.add_argument("--workspace", default=None, help="the same, as an option")
 
-    print(format_budget(ledger_path(args.workspace), args.delta, args.accountant))
+
+def _budget(args) -> int:
+    from medflare.cli.budget import acknowledge_block, format_budget, ledger_path
+
+    given = [w for w in (args.site_workspace, args.workspace) if w is not None]
+    if len(given) != 1:
+        raise ValueError(f"give the site's workspace once (WORKSPACE or --workspace), got {len(given)}")
+    path = ledger_path(given[0])
+    if args.action == "acknowledge":
+        print(acknowledge_block(path, args.reason))
+    else:
+        print(format_budget(path, args.delta, args.accountant))
     return 0
 
 

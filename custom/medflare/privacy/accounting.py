@@ -10,10 +10,21 @@ Notes:
     :math:`\\varepsilon` numerically. Releases with different :math:`z` compose by adding RDP
     curves (RDP) or privacy-loss distributions (PRV).
 
+    A history mixes both kinds of release a site makes: a site-level Gaussian release is
+    :math:`(z, q = 1, T = 1)`; a patient-level DP-SGD run is :math:`(z, q, T)` with Poisson
+    sampling rate :math:`q` and :math:`T` steps, whose RDP is that of the subsampled Gaussian
+    mechanism (Mironov, Talwar, Zhang 2019 [4], Sec. 3.3). Composition adds RDP curves
+    (:math:`\varepsilon_\alpha = \sum_i T_i \, \varepsilon_\alpha(z_i, q_i)`), so
+    entries with the same :math:`(z, q)` may be merged by adding their steps and the order of
+    entries does not matter. The neighbouring relation is that of each entry: one site for a
+    Gaussian release, one patient for DP-SGD; composing both bounds the patient-level
+    guarantee, since a patient's record lies in their site's data.
+
     References:
         [1] I. Mironov, "Rényi Differential Privacy", CSF 2017.
         [2] B. Balle et al., "Hypothesis Testing Interpretations and Renyi Differential Privacy", AISTATS 2020.
         [3] S. Gopi, Y. T. Lee, L. Wutschitz, "Numerical Composition of Differential Privacy", NeurIPS 2021.
+        [4] I. Mironov, K. Talwar, L. Zhang, "Rényi Differential Privacy of the Sampled Gaussian Mechanism", 2019.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ from typing import Iterable
 
 from medflare.privacy.argument_checks import check_int, check_real
 
-__all__ = ["ACCOUNTANTS", "epsilon_spent", "noise_multiplier_for", "check_accountant"]
+__all__ = ["ACCOUNTANTS", "epsilon_spent", "epsilon_of_history", "merge_history", "noise_multiplier_for", "check_accountant"]
 
 #: Accountants medflare supports, by Opacus name.
 ACCOUNTANTS = ("rdp", "prv")
@@ -59,6 +70,48 @@ def epsilon_spent(releases: Iterable[tuple[float, int]], delta: float, accountan
         check_int("count", count, 0)
         if count:
             history.append((float(z), 1.0, int(count)))
+    return _compose(history, delta, accountant)
+
+
+def merge_history(history: Iterable[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """``(noise_multiplier, sample_rate, steps)`` entries with equal ``(z, q)`` merged by adding
+    their steps, sorted, entries of 0 steps dropped; each entry checked.
+
+    Raises:
+        TypeError, ValueError: an entry out of range (z in (0, inf), q in (0, 1], steps >= 0).
+    """
+    steps_of: dict[tuple[float, float], int] = {}
+    for n, entry in enumerate(history):
+        if not isinstance(entry, (tuple, list)) or len(entry) != 3:
+            raise ValueError(f"history[{n}] must be (noise_multiplier, sample_rate, steps), got {entry!r}")
+        z = check_real(f"history[{n}] noise_multiplier", entry[0], 0.0, None, low_open=True)
+        q = check_real(f"history[{n}] sample_rate", entry[1], 0.0, 1.0, low_open=True)
+        steps = check_int(f"history[{n}] steps", entry[2], 0)
+        if steps:
+            steps_of[(z, q)] = steps_of.get((z, q), 0) + steps
+    return [(z, q, steps) for (z, q), steps in sorted(steps_of.items())]
+
+
+def epsilon_of_history(history: Iterable[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon of a composed history of Gaussian releases, subsampled or not.
+
+    Args:
+        history: ``(noise_multiplier, sample_rate, steps)`` entries in any order, as in
+            Opacus's ``accountant.history``: ``(z, 1.0, 1)`` for one site-level Gaussian
+            release, ``(z, q, T)`` for a DP-SGD run of ``T`` steps at Poisson rate ``q``.
+        delta: target delta, in (0, 1).
+        accountant: ``"rdp"`` or ``"prv"``.
+
+    Returns:
+        epsilon (0.0 for an empty history), equal to Opacus's accountant given the merged
+        history (see :func:`merge_history` and the module notes).
+    """
+    check_accountant(accountant)
+    check_real("delta", delta, 0.0, 1.0, low_open=True, high_open=True)
+    return _compose(merge_history(history), delta, accountant)
+
+
+def _compose(history: list, delta: float, accountant: str) -> float:
     if not history:
         return 0.0
     acc = _opacus_accountant(accountant)

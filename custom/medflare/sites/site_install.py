@@ -7,6 +7,10 @@ Into a **client** workspace (one with ``startup/fed_client.json``) it installs, 
   with the profile's settings merged in, the GPU resource manager sized to this machine, and
   the class allow-list extended by medflare's entries;
 * ``medflare_data.json``: where the site's datalist and images are (absolute paths);
+* ``medflare_privacy_budget.json``: the site's lifetime privacy budget, from the profile (a
+  ``seal_path`` the site already set is kept); a profile without one leaves the site's as it
+  is. The privacy ledger and its seal are never written, moved or deleted by an install, so
+  no install lowers what the site has spent; the seal may not be moved away from a ledger;
 * ``medflare_site.json``: what was installed, from which profile, with each file's SHA-256,
   so ``medflare site show`` can tell a hand edit from the installed policy.
 
@@ -38,8 +42,10 @@ from typing import Optional
 from medflare.data.brats_layout import DataListError, load_datalist, read_json_object
 from medflare.data.brats_volume_checks import check_brats_subjects
 from medflare.data.site_data_config import LOCAL_FILE_NAME as DATA_CONFIG_FILE
+from medflare.privacy.budget_ledger import LEDGER_FILE_NAME, LedgerError, PrivacyBudgetLedger, default_seal_path
+from medflare.privacy.site_budget import SITE_BUDGET_FILE_NAME, SiteBudget, load_site_budget, parse_site_budget
 from medflare.sites.class_allow_list import site_class_allow_list
-from medflare.sites.site_profiles import AUTO, SiteProfile, SiteProfileError, resolve_profile
+from medflare.sites.site_profiles import AUTO, SiteProfile, SiteProfileError, check_budget_fits_policy, resolve_profile
 
 __all__ = [
     "DATA_CONFIG_FILE",
@@ -218,6 +224,73 @@ def _check_with_nvflare(workspace: str, files: dict) -> None:
             raise InstallError("NVFlare reads no privacy policy from the staged privacy.json")
 
 
+def _uses_budget(policy: dict) -> bool:
+    return any(
+        f.get("path", "").endswith("GaussianPrivacyFilter") or "max_epsilon" in f.get("args", {})
+        for scope in policy.get("scopes", [])
+        for chain in ("task_data_filters", "task_result_filters")
+        for f in scope.get(chain, [])
+    )
+
+
+def _budget_file(local_dir: str, chosen: SiteProfile) -> tuple[Optional[str], Optional[SiteBudget], Optional[SiteBudget], list]:
+    """``(text to install or None, budget in force after the install, the site's current budget, notes)``."""
+    notes = []
+    current = None
+    if os.path.lexists(os.path.join(local_dir, SITE_BUDGET_FILE_NAME)):
+        try:
+            current = load_site_budget(local_dir)
+        except LedgerError as e:
+            if chosen.budget is None:
+                raise InstallError(f"{e}; the profile {chosen.name} brings no budget file to replace it") from None
+            notes.append(f"privacy budget: the site's budget file is malformed and is replaced ({e})")
+    if chosen.budget is None:
+        if current is not None:
+            try:
+                check_budget_fits_policy(current, chosen.privacy, os.path.join(chosen.folder, "privacy.json"))
+            except SiteProfileError as e:
+                raise InstallError(str(e)) from None
+        elif _uses_budget(chosen.privacy):
+            raise InstallError(
+                f"profile {chosen.name} ({chosen.folder}) has Gaussian scopes but no {SITE_BUDGET_FILE_NAME}, and the site "
+                f"has none: every Gaussian release would be refused; add the site's budget to the profile or write "
+                f"local/{SITE_BUDGET_FILE_NAME} (see docs/site-admin.md)"
+            )
+        return None, current, current, notes
+    content = dict(chosen.budget_content)
+    if "seal_path" not in content and current is not None and current.seal_path:
+        content["seal_path"] = current.seal_path
+        notes.append(f"privacy budget: the site's seal_path {current.seal_path} is kept")
+    budget = parse_site_budget(content, os.path.join(chosen.folder, SITE_BUDGET_FILE_NAME))
+    return _dumps(content), budget, current, notes
+
+
+def _budget_notes(local_dir: str, budget: Optional[SiteBudget], current: Optional[SiteBudget]) -> list:
+    """Refuse to move the seal away from a ledger; say what the site has spent against the new cap."""
+    ledger_file = os.path.join(local_dir, LEDGER_FILE_NAME)
+    old_seal = current.seal_path if current is not None and current.seal_path else default_seal_path(ledger_file)
+    new_seal = (budget.seal_path or default_seal_path(ledger_file)) if budget is not None else old_seal
+    if new_seal != old_seal and os.path.lexists(old_seal) and not os.path.lexists(new_seal):
+        raise InstallError(
+            f"the install would move the privacy ledger's seal from {old_seal} to {new_seal}, and the ledger would be "
+            f"blocked: move the seal file to {new_seal} first, or set seal_path {old_seal!r} in the profile's {SITE_BUDGET_FILE_NAME}"
+        )
+    if budget is None:
+        return []
+    note = f"privacy budget: max_epsilon {budget.max_epsilon:g} at delta {budget.delta:g} ({budget.accountant}), seal {new_seal}"
+    if not (os.path.lexists(ledger_file) or os.path.lexists(new_seal)):
+        return [note + "; nothing spent yet"]
+    ledger = PrivacyBudgetLedger(ledger_file, budget.max_epsilon, budget.delta, budget.accountant, new_seal)
+    check = ledger.inspect()
+    if check.blocked:
+        return [note, f"WARNING: the privacy ledger is blocked and stays blocked: {check.finding}; {ledger.fix_hint()}"]
+    spent = PrivacyBudgetLedger.epsilon_of(check.records, budget.delta, budget.accountant)
+    note += f"; spent so far {spent:.4g} (the ledger is kept as it is)"
+    if spent >= budget.max_epsilon:
+        note += "; NOTHING REMAINS: every further Gaussian release is refused"
+    return [note]
+
+
 def plan_install(
     workspace: str,
     profile: Optional[str] = None,
@@ -271,11 +344,15 @@ def plan_install(
         plan.files["privacy.json"] = _dumps(chosen.privacy)
         plan.files["resources.json"] = _dumps(resources)
         plan.files[DATA_CONFIG_FILE] = _dumps(data_config)
+        budget_text, budget, current_budget, budget_notes = _budget_file(local_dir, chosen)
+        budget_notes += _budget_notes(local_dir, budget, current_budget)
+        if budget_text is not None:
+            plan.files[SITE_BUDGET_FILE_NAME] = budget_text
         _check_with_nvflare(workspace, {"privacy.json": plan.files["privacy.json"]})
         plan.summary.append(
             f"profile {chosen.name} ({chosen.folder}): scopes {', '.join(chosen.scope_names)}; default {chosen.default_scope}"
         )
-        plan.summary += notes + data_notes
+        plan.summary += notes + data_notes + budget_notes
         manifest = {"role": "client", "profile": chosen.name, "profile_folder": chosen.folder}
     from medflare import __version__
 

@@ -1,6 +1,6 @@
 """Site profiles: the privacy policy and resource settings a site admin installs, checked first.
 
-A profile is a folder holding two files, both in NVFlare's own formats:
+A profile is a folder holding two files in NVFlare's own formats and the site's privacy budget:
 
 ``privacy.json``
     the site's privacy policy, installed verbatim as ``local/privacy.json``:
@@ -13,6 +13,13 @@ A profile is a folder holding two files, both in NVFlare's own formats:
     site's, ``components`` replace the site's components of the same ``id``. The GPU
     resource manager's ``num_of_gpus`` and ``mem_per_gpu_in_GiB`` may be ``"auto"``: the
     installer fills in what the machine has.
+``medflare_privacy_budget.json``
+    the site's lifetime privacy budget (:mod:`medflare.privacy.site_budget`), installed as
+    ``local/medflare_privacy_budget.json``: ``{"max_epsilon", "delta", "accountant", optional
+    "seal_path"}``. Every Gaussian release of the site, whatever filter or job makes it, is
+    counted against it; a filter's own ``max_epsilon`` can only lower it. Optional for a
+    profile whose scopes release nothing noised; a profile without one leaves the site's own
+    budget file as it is.
 
 Profiles shipped in ``site_configs/``: ``research`` (default scope ``partial_sharing``, plus
 ``differential_privacy`` and ``public_data``) and ``clinical`` (Gaussian differential privacy in
@@ -22,7 +29,8 @@ as a path to any folder with these two files.
 Checks made before anything is installed (:func:`check_privacy_policy`): the JSON shape, unique
 scope names, a default scope that exists, and every filter built from its arguments, so an
 out-of-range argument is reported with the scope and filter it sits in instead of surfacing when
-the FLARE client starts.
+the FLARE client starts. The budget file is checked field by field, and no filter may ask for a
+``target_delta`` above the budget's ``delta`` (the ledger would refuse each of its releases).
 """
 
 from __future__ import annotations
@@ -34,13 +42,18 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from medflare.data.brats_layout import DataListError, read_json_object
+from medflare.privacy.budget_ledger import LedgerError
+from medflare.privacy.site_budget import SITE_BUDGET_FILE_NAME, SiteBudget, parse_site_budget
 
 __all__ = [
+    "BUDGET_FILE",
     "PROFILE_FILES",
+    "REQUIRED_PROFILE_FILES",
     "PROFILES_ENV_VAR",
     "SiteProfile",
     "SiteProfileError",
     "available_profiles",
+    "check_budget_fits_policy",
     "check_privacy_policy",
     "check_resources_fragment",
     "is_allowed",
@@ -49,7 +62,10 @@ __all__ = [
     "resolve_profile",
 ]
 
-PROFILE_FILES = ("privacy.json", "resources.json")
+BUDGET_FILE = SITE_BUDGET_FILE_NAME
+#: every file a profile may hold; the budget is optional (see the module docstring)
+PROFILE_FILES = ("privacy.json", "resources.json", BUDGET_FILE)
+REQUIRED_PROFILE_FILES = ("privacy.json", "resources.json")
 PROFILES_ENV_VAR = "MEDFLARE_SITE_CONFIGS"
 AUTO = "auto"
 
@@ -64,6 +80,8 @@ class SiteProfile:
     folder: str
     privacy: dict
     resources: dict
+    budget: Optional[SiteBudget] = None
+    budget_content: Optional[dict] = None  # the budget file as written in the profile
 
     @property
     def scope_names(self) -> list[str]:
@@ -96,7 +114,7 @@ def available_profiles() -> dict[str, str]:
             continue
         for name in sorted(os.listdir(root)):
             folder = os.path.join(root, name)
-            if name not in found and all(os.path.isfile(os.path.join(folder, f)) for f in PROFILE_FILES):
+            if name not in found and all(os.path.isfile(os.path.join(folder, f)) for f in REQUIRED_PROFILE_FILES):
                 found[name] = folder
     return found
 
@@ -118,7 +136,7 @@ def resolve_profile(name_or_path: str) -> SiteProfile:
         known = ", ".join(sorted(profiles)) or "none found"
         raise SiteProfileError(
             f"unknown profile {name_or_path!r}; known profiles: {known} (searched {', '.join(profile_search_path())}); "
-            "or give the path of a folder holding privacy.json and resources.json"
+            f"or give the path of a folder holding privacy.json and resources.json (and {BUDGET_FILE})"
         )
     return load_profile(profiles[name_or_path])
 
@@ -133,7 +151,7 @@ def _read_json(path: str) -> dict:
 
 
 def load_profile(folder: str, allow_list: Optional[Iterable[str]] = None) -> SiteProfile:
-    """Read and check the two files of a profile folder (see the module docstring).
+    """Read and check the files of a profile folder (see the module docstring).
 
     Args:
         folder: the profile folder.
@@ -151,7 +169,34 @@ def load_profile(folder: str, allow_list: Optional[Iterable[str]] = None) -> Sit
         allow_list = site_class_allow_list()
     check_privacy_policy(privacy, privacy_path, allow_list)
     check_resources_fragment(resources, resources_path)
-    return SiteProfile(os.path.basename(folder), folder, privacy, resources)
+    budget_path = os.path.join(folder, BUDGET_FILE)
+    budget = content = None
+    if os.path.lexists(budget_path):
+        content = _read_json(budget_path)
+        try:
+            budget = parse_site_budget(content, budget_path)
+        except LedgerError as e:
+            raise SiteProfileError(str(e)) from None
+        check_budget_fits_policy(budget, privacy, privacy_path)
+    return SiteProfile(os.path.basename(folder), folder, privacy, resources, budget, content)
+
+
+def check_budget_fits_policy(budget: SiteBudget, policy: dict, source: str) -> None:
+    """Refuse a filter whose ``target_delta`` exceeds the site budget's ``delta``: the ledger
+    refuses every release of such a filter, so the scope could never release anything.
+
+    Raises:
+        SiteProfileError: naming the scope, the filter and both deltas.
+    """
+    for scope in policy.get("scopes", []):
+        for chain in ("task_data_filters", "task_result_filters"):
+            for k, component in enumerate(scope.get(chain, [])):
+                target = component.get("args", {}).get("target_delta")
+                if isinstance(target, (int, float)) and not isinstance(target, bool) and target > budget.delta:
+                    raise SiteProfileError(
+                        f"{source}: scope {scope['name']!r} {chain}[{k}]: target_delta {target!r} is above the site "
+                        f"budget's delta {budget.delta!r} ({BUDGET_FILE}); a filter may use a smaller delta, never a larger one"
+                    )
 
 
 def is_allowed(class_path: str, allow_list: Iterable[str]) -> bool:

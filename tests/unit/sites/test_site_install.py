@@ -332,3 +332,140 @@ def test_an_outcome_table_with_a_non_finite_value_or_an_outside_image_is_refused
         with pytest.raises(InstallError, match=rf"--data .*: {table}.*{message}"):
             install_site(str(ws), "research", configs["site-1"], gpus=0, gpu_memory_gib=0)
         assert not (ws / "local" / "medflare_data.json").exists()
+
+
+# the site's privacy budget ------------------------------------------------------------------
+
+BUDGET = "medflare_privacy_budget.json"
+
+
+def _profile_copy(tmp_path, name="clinical", budget="same", folder_name="my_profile"):
+    """A copy of a shipped profile; ``budget``: "same", None (no budget file) or a dict."""
+    src = os.path.join(os.path.dirname(__file__), "..", "..", "..", "site_configs", name)
+    folder = tmp_path / folder_name
+    folder.mkdir()
+    for f in ("privacy.json", "resources.json"):
+        (folder / f).write_text(open(os.path.join(src, f)).read())
+    if budget == "same":
+        (folder / BUDGET).write_text(open(os.path.join(src, BUDGET)).read())
+    elif budget is not None:
+        (folder / BUDGET).write_text(json.dumps(budget))
+    return folder
+
+
+@pytest.mark.parametrize("profile, cap", [("research", 10.0), ("clinical", 8.0)])
+def test_install_puts_the_sites_budget_in_local_and_in_the_record(tmp_path, tiny_sites, profile, cap):
+    from medflare.privacy.budget_ledger import PrivacyBudgetLedger
+
+    ws = _workspace(tmp_path)
+    plan = install_site(str(ws), profile, tiny_sites["site-1"], gpus=0)
+    local = ws / "local"
+    assert json.loads((local / BUDGET).read_text()) == {"max_epsilon": cap, "delta": 1e-5, "accountant": "rdp"}
+    manifest = read_manifest(str(ws))
+    assert manifest["files"][BUDGET] == hashlib.sha256((local / BUDGET).read_bytes()).hexdigest()
+    assert manifest["modified"] == []
+    assert any(f"privacy budget: max_epsilon {cap:g} at delta 1e-05 (rdp)" in line and "nothing spent yet" in line for line in plan.summary)
+    ledger = PrivacyBudgetLedger.open_site(str(local))
+    assert (ledger.max_epsilon, ledger.delta, ledger.accountant) == (cap, 1e-5, "rdp")
+
+
+def test_reinstalling_never_touches_the_ledger_or_lowers_the_spend(tmp_path, tiny_sites):
+    from medflare.privacy.budget_ledger import PrivacyBudgetLedger
+
+    ws = _workspace(tmp_path)
+    install_site(str(ws), "research", tiny_sites["site-1"], gpus=0)
+    local = ws / "local"
+    ledger = PrivacyBudgetLedger.open_site(str(local))
+    for rnd in range(3):
+        ledger.reserve(2.4, job_id="job-a", round_number=rnd)
+    spent = ledger.epsilon_spent()
+    kept = {n: (local / n).read_bytes() for n in ("medflare_privacy_ledger.json", ".medflare_privacy_ledger.seal")}
+
+    plan = install_site(str(ws), "clinical", tiny_sites["site-1"], gpus=0)  # a smaller cap
+    assert {n: (local / n).read_bytes() for n in kept} == kept
+    again = PrivacyBudgetLedger.open_site(str(local))
+    assert again.max_epsilon == 8.0 and again.epsilon_spent() == pytest.approx(spent)
+    assert any(f"spent so far {spent:.4g} (the ledger is kept as it is)" in line for line in plan.summary)
+    backups = list((local / "medflare_backup").iterdir())
+    assert json.loads((backups[0] / BUDGET).read_text())["max_epsilon"] == 10.0  # the previous budget is kept too
+
+
+def test_install_reports_a_spent_or_blocked_budget(tmp_path, tiny_sites):
+    from medflare.privacy.budget_ledger import PrivacyBudgetLedger
+
+    ws = _workspace(tmp_path)
+    small = _profile_copy(tmp_path, budget={"max_epsilon": 2.0, "delta": 1e-5, "accountant": "rdp"})
+    install_site(str(ws), str(small), tiny_sites["site-1"], gpus=0)
+    PrivacyBudgetLedger.open_site(str(ws / "local")).reserve(2.4)
+    plan = plan_install(str(ws), str(small), tiny_sites["site-1"], gpus=0)
+    assert not any("NOTHING REMAINS" in line for line in plan.summary)
+    tiny = _profile_copy(tmp_path, budget={"max_epsilon": 1.0, "delta": 1e-5, "accountant": "rdp"}, folder_name="tiny")
+    plan = plan_install(str(ws), str(tiny), tiny_sites["site-1"], gpus=0)
+    assert any("NOTHING REMAINS: every further Gaussian release is refused" in line for line in plan.summary)
+
+    os.remove(ws / "local" / "medflare_privacy_ledger.json")
+    before = _snapshot(ws)
+    plan = plan_install(str(ws), str(small), tiny_sites["site-1"], gpus=0)
+    assert any("WARNING: the privacy ledger is blocked and stays blocked" in line and "deleted or moved" in line for line in plan.summary)
+    assert _snapshot(ws) == before  # planning writes nothing, not even the block's marker
+
+
+def test_the_sites_seal_path_is_kept_and_the_seal_is_never_moved_away(tmp_path, tiny_sites):
+    from medflare.privacy.budget_ledger import PrivacyBudgetLedger
+
+    ws = _workspace(tmp_path)
+    seal = tmp_path / "outside" / "site-1.seal"
+    install_site(str(ws), "clinical", tiny_sites["site-1"], gpus=0)
+    local = ws / "local"
+    (local / BUDGET).write_text(json.dumps({"max_epsilon": 8.0, "delta": 1e-5, "accountant": "rdp", "seal_path": str(seal)}))
+    PrivacyBudgetLedger.open_site(str(local)).reserve(2.4)
+    assert seal.is_file()
+
+    plan = install_site(str(ws), "clinical", tiny_sites["site-1"], gpus=0)  # the profile names no seal_path
+    assert json.loads((local / BUDGET).read_text())["seal_path"] == str(seal)
+    assert any(f"the site's seal_path {seal} is kept" in line for line in plan.summary)
+    PrivacyBudgetLedger.open_site(str(local)).reserve(2.4)
+
+    moved = _profile_copy(tmp_path, budget={"max_epsilon": 8.0, "delta": 1e-5, "accountant": "rdp", "seal_path": str(tmp_path / "new.seal")})
+    before = _snapshot(ws)
+    with pytest.raises(InstallError, match=f"would move the privacy ledger's seal from {seal} to .*new.seal"):
+        install_site(str(ws), str(moved), tiny_sites["site-1"], gpus=0)
+    assert _snapshot(ws) == before
+
+
+def test_a_profile_without_a_budget_keeps_the_sites_and_needs_one_for_gaussian_scopes(tmp_path, tiny_sites):
+    ws = _workspace(tmp_path)
+    bare = _profile_copy(tmp_path, budget=None)
+    before = _snapshot(ws)
+    with pytest.raises(InstallError, match="has Gaussian scopes but no medflare_privacy_budget.json, and the site has none"):
+        install_site(str(ws), str(bare), tiny_sites["site-1"], gpus=0)
+    assert _snapshot(ws) == before
+
+    install_site(str(ws), "clinical", tiny_sites["site-1"], gpus=0)
+    site_budget = (ws / "local" / BUDGET).read_bytes()
+    plan = install_site(str(ws), str(bare), tiny_sites["site-1"], gpus=0)
+    assert BUDGET not in plan.files and (ws / "local" / BUDGET).read_bytes() == site_budget
+
+
+@pytest.mark.parametrize(
+    "budget, message",
+    [
+        ({"max_epsilon": 0, "delta": 1e-5, "accountant": "rdp"}, r"max_epsilon must be in \(0.0, inf\), got 0.0"),
+        ({"max_epsilon": 8, "delta": 1e-5, "accountant": "rdp", "max_epsilom": 9}, r"unknown field\(s\) \['max_epsilom'\]"),
+        ({"max_epsilon": 8, "delta": 1e-6, "accountant": "rdp"}, "target_delta 1e-05 is above the site budget's delta 1e-06"),
+    ],
+)
+def test_an_invalid_budget_in_a_profile_is_refused_before_anything_is_written(tmp_path, tiny_sites, budget, message):
+    ws = _workspace(tmp_path)
+    before = _snapshot(ws)
+    with pytest.raises(InstallError, match=message):
+        install_site(str(ws), str(_profile_copy(tmp_path, budget=budget)), tiny_sites["site-1"], gpus=0)
+    assert _snapshot(ws) == before
+
+
+def test_site_show_lists_the_budget(tmp_path, tiny_sites, capsys):
+    ws = _workspace(tmp_path)
+    install_site(str(ws), "clinical", tiny_sites["site-1"], gpus=0)
+    assert main(["site", "show", "--workspace", str(ws)]) == 0
+    out = capsys.readouterr().out
+    assert "site budget: max_epsilon 8 at delta 1e-05 (rdp)" in out and "epsilon spent 0" in out

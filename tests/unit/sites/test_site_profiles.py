@@ -8,6 +8,8 @@ import pytest
 
 from medflare.sites.class_allow_list import site_class_allow_list
 from medflare.sites.site_profiles import (
+    BUDGET_FILE,
+    PROFILE_FILES,
     SiteProfileError,
     available_profiles,
     check_privacy_policy,
@@ -106,8 +108,8 @@ def test_profiles_env_var_is_searched_first(tmp_path, monkeypatch):
             r"scope 's' task_result_filters\[0\]: .*PercentileSharingFilter refuses its arguments .*fraction_shared",
         ),
         (
-            _policy(task_result_filters=[{"path": GAUSSIAN, "args": {"clipping_norm": 1.0, "noise_multiplier": 1.0}}]),
-            "GaussianPrivacyFilter refuses its arguments.*max_epsilon",
+            _policy(task_result_filters=[{"path": GAUSSIAN, "args": {"clipping_norm": -1.0, "noise_multiplier": 1.0}}]),
+            "GaussianPrivacyFilter refuses its arguments.*clipping_norm",
         ),
         (
             _policy(task_result_filters=[{"path": "some.vendor.Filter", "args": {}}]),
@@ -174,4 +176,51 @@ def test_every_profile_folder_ships_in_the_wheel():
     assert sorted(shipped) == folders
     for name, files in shipped.items():
         listed = sorted(f.strip() for f in files.replace("\n", ",").split(",") if f.strip())
-        assert listed == [f"site_configs/{name}/privacy.json", f"site_configs/{name}/resources.json"]
+        assert listed == sorted(f"site_configs/{name}/{f}" for f in PROFILE_FILES)
+        assert all(os.path.isfile(os.path.join(REPO, f)) for f in listed)
+
+
+@pytest.mark.parametrize("name, cap", [("research", 10.0), ("clinical", 8.0)])
+def test_shipped_profiles_carry_the_sites_budget(name, cap):
+    budget = resolve_profile(name).budget
+    assert (budget.max_epsilon, budget.delta, budget.accountant, budget.seal_path) == (cap, 1e-5, "rdp", None)
+
+
+def _profile_folder(tmp_path, budget=None, policy=None):
+    folder = tmp_path / "mine"
+    folder.mkdir(exist_ok=True)
+    (folder / "privacy.json").write_text(json.dumps(policy or _policy()))
+    (folder / "resources.json").write_text("{}")
+    if budget is not None:
+        (folder / BUDGET_FILE).write_text(budget if isinstance(budget, str) else json.dumps(budget))
+    return folder
+
+
+def test_a_profile_without_a_budget_file_loads_without_one(tmp_path):
+    profile = load_profile(str(_profile_folder(tmp_path)))
+    assert profile.budget is None and profile.budget_content is None
+
+
+@pytest.mark.parametrize(
+    "budget, message",
+    [
+        ({"max_epsilon": -1, "delta": 1e-5, "accountant": "rdp"}, r"mine/medflare_privacy_budget.json: max_epsilon must be in \(0.0, inf\), got -1.0"),
+        ({"max_epsilon": 8, "delta": 1e-5, "accountant": "rdp", "cap": 9}, r"unknown field\(s\) \['cap'\]"),
+        ({"max_epsilon": 8, "accountant": "rdp"}, "missing field 'delta'"),
+        ("{", "is not readable JSON"),
+    ],
+)
+def test_an_invalid_budget_file_is_refused(tmp_path, budget, message):
+    with pytest.raises(SiteProfileError, match=message):
+        load_profile(str(_profile_folder(tmp_path, budget)))
+
+
+def test_a_filter_asking_for_a_larger_delta_than_the_budget_is_refused(tmp_path):
+    policy = _policy(
+        task_result_filters=[
+            {"path": GAUSSIAN, "args": {"clipping_norm": 1.0, "noise_multiplier": 2.4, "max_epsilon": 8.0, "target_delta": 1e-4}}
+        ]
+    )
+    folder = _profile_folder(tmp_path, {"max_epsilon": 8, "delta": 1e-5, "accountant": "rdp"}, policy)
+    with pytest.raises(SiteProfileError, match=r"scope 's' task_result_filters\[0\]: target_delta 0.0001 is above the site budget's delta 1e-05"):
+        load_profile(str(folder))
