@@ -90,6 +90,7 @@ def test_percentile_sharing_job_sends_only_the_shared_fraction(tmp_path):
 
 def test_gaussian_dp_job_reports_epsilon_per_round(tmp_path):
     from medflare.privacy.accounting import epsilon_spent, noise_multiplier_for
+    from medflare.privacy.budget_ledger import PrivacyBudgetLedger
 
     job, _ = _small_job(tmp_path, "brats_gaussian_dp")
     args = _client_filter(job)["args"]
@@ -103,11 +104,14 @@ def test_gaussian_dp_job_reports_epsilon_per_round(tmp_path):
             releases = record["round"] + 1
             assert dp["epsilon_run"] == pytest.approx(epsilon_spent([(z, releases)], args["target_delta"]))
             assert dp["epsilon_site"] <= args["max_epsilon"]
+            # nothing data-dependent leaves under DP: no step counts, losses, timings or scores
+            assert report["steps"] is None and report["train_loss"] is None and report["global_model_metrics"] == {}
+        # the sites withheld their weights, so the round is an unweighted mean of both
+        assert sorted(record["aggregation"]["accepted"]) == ["site-1", "site-2"]
     # each site's ledger recorded both rounds' releases
     for site in ("site-1", "site-2"):
         ledger = os.path.join(result["run_dir"], "simulator", site, "local", "medflare_privacy_ledger.json")
-        with open(ledger) as f:
-            assert [r["round"] for r in json.load(f)["releases"]] == [0, 1]
+        assert [r["round"] for r in PrivacyBudgetLedger.read_releases(ledger)] == [0, 1]
 
 
 def _set_sparse(job_dir, sparse):

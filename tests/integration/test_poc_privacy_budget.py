@@ -20,6 +20,8 @@ from medflare.cli.budget import format_budget
 from medflare.federation.poc_federation import PocFederation
 from medflare.privacy.accounting import epsilon_spent
 from medflare.privacy.budget_ledger import LEDGER_FILE_NAME, PrivacyBudgetLedger
+from medflare.privacy.site_budget import SITE_BUDGET_FILE_NAME
+from medflare.wire_contract import DATA_DEPENDENT_META
 from medflare.sites.site_profiles import resolve_profile
 from tests.integration.job_copies import round_records
 from tests.integration.poc_support import FAST_FAILURE_DETECTION, HEARTBEAT_TIMEOUT, poc_job
@@ -36,11 +38,10 @@ def federation(tmp_path_factory, poc_site_data):
     clinical = resolve_profile("clinical")
     profile = root / "clinical_one_release"
     profile.mkdir()
-    policy = json.loads(json.dumps(clinical.privacy))
-    for scope in policy["scopes"]:
-        scope["task_result_filters"][0]["args"]["max_epsilon"] = BUDGET
-    (profile / "privacy.json").write_text(json.dumps(policy))
+    # the lifetime cap is the site's own file, not a filter argument
+    (profile / "privacy.json").write_text(json.dumps(clinical.privacy))
     (profile / "resources.json").write_text(json.dumps(clinical.resources))
+    (profile / SITE_BUDGET_FILE_NAME).write_text(json.dumps(dict(clinical.budget_content, max_epsilon=BUDGET)))
 
     fed = PocFederation(str(root), clients=3, env=FAST_FAILURE_DETECTION, heartbeat_timeout=HEARTBEAT_TIMEOUT, log=print)
     with fed:
@@ -72,6 +73,14 @@ def test_an_exhausted_budget_blocks_results_across_jobs_and_a_client_restart(fed
     assert released["privacy"]["medflare_gaussian_dp"]["epsilon_site"] == pytest.approx(one_release)
     assert released["privacy"]["medflare_gaussian_dp"]["max_epsilon"] == BUDGET
     assert "site-3" not in round1["sites"] and sorted(round1["aggregation"]["accepted"]) == ["site-1", "site-2"]
+    # what the server receives: the research sites' data-dependent meta, nothing of the clinical site's
+    print("server received in round 0:", json.dumps(round0["sites"], indent=1, default=str))
+    print("aggregation of round 0:", json.dumps(round0["aggregation"], default=str))
+    for site in ("site-1", "site-2"):
+        assert round0["sites"][site]["steps"] > 0 and round0["sites"][site]["train_loss"] is not None
+    assert released["steps"] is None and released["train_loss"] is None and released["train_seconds"] is None
+    assert released["global_model_metrics"] == {}
+    assert round0["aggregation"]["weighting"].startswith("equal (weight withheld by: site-3")
     assert len(PrivacyBudgetLedger.read_releases(_ledger(federation))) == 1
     assert len(_blocked_rounds(federation, first, 1)) == 1  # the site's log says why round 1 is missing
 

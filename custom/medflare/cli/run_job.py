@@ -12,7 +12,11 @@ Workspace layout (default ``./workspace``)::
 
 The job folder is used unchanged; only ``--rounds`` makes a patched copy (``runs/<job>/job``).
 Sites find their data through ``MEDFLARE_DATA_CONFIG`` set for the simulator process, exactly
-as a real site would through its environment or ``local/medflare_data.json``.
+as a real site would through its environment or ``local/medflare_data.json``, and their privacy
+budget through ``MEDFLARE_PRIVACY_BUDGET``: every simulated site gets the research profile's
+budget (``site_configs/research/medflare_privacy_budget.json``). Simulated sites start fresh
+each run (their folders in the simulator workspace are removed first): a simulated site's
+ledger is not a hospital's.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from medflare.data.site_data_config import ENV_VAR
+from medflare.privacy.site_budget import ENV_VAR as BUDGET_ENV_VAR
 
 __all__ = ["RunOptions", "run_job", "JobRunError", "set_num_rounds", "job_data_kind", "DATA_KINDS"]
 
@@ -157,6 +162,24 @@ def _print(message: str) -> None:
     print(message, flush=True)
 
 
+def _fresh_simulated_sites(sim_ws: str) -> None:
+    """Remove the simulated clients' folders of an earlier run (their ledgers among them)."""
+    if os.path.isdir(sim_ws):
+        for entry in os.listdir(sim_ws):
+            if entry.startswith("site-") and os.path.isdir(os.path.join(sim_ws, entry)):
+                shutil.rmtree(os.path.join(sim_ws, entry))
+
+
+def _simulated_site_budget(run_dir: str) -> str:
+    """The research profile's budget file, copied for the simulated sites; its path."""
+    from medflare.sites.site_profiles import BUDGET_FILE, resolve_profile
+
+    profile = resolve_profile("research")
+    path = os.path.join(run_dir, "simulated_" + BUDGET_FILE)
+    shutil.copyfile(os.path.join(profile.folder, BUDGET_FILE), path)
+    return path
+
+
 def run_job(opts: RunOptions, log=_print) -> dict:
     """Prepare sites, run the job in the simulator while printing per-round progress, then
     print the summary and save the plot.
@@ -196,6 +219,8 @@ def run_job(opts: RunOptions, log=_print) -> dict:
     env = dict(os.environ)
     env[ENV_VAR] = _site_data(opts, kind, log)
     sim_ws = os.path.join(run_dir, "simulator")
+    _fresh_simulated_sites(sim_ws)
+    env[BUDGET_ENV_VAR] = _simulated_site_budget(run_dir)
     write_simulator_resources(sim_ws)
     threads = opts.threads or opts.sites
     if "OMP_NUM_THREADS" not in os.environ:

@@ -9,7 +9,6 @@ guarantee are in :mod:`medflare.privacy.gaussian_mechanism`; accounting in
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 from nvflare.apis.dxo import DXO, DataKind
@@ -21,7 +20,7 @@ from nvflare.app_common.app_constant import AppConstants
 from medflare.filters.fail_closed_filter import FailClosedDXOFilter
 from medflare.privacy.accounting import check_accountant, epsilon_spent, noise_multiplier_for
 from medflare.privacy.argument_checks import check_int, check_real
-from medflare.privacy.budget_ledger import LEDGER_FILE_NAME, LedgerError, PrivacyBudgetLedger
+from medflare.privacy.budget_ledger import LedgerError, PrivacyBudgetLedger
 from medflare.privacy.gaussian_mechanism import gaussian_release, l2_norm
 from medflare.privacy.noise_sources import make_noise_source
 from medflare.privacy.update_checks import UnsafeUpdateError, check_update
@@ -41,9 +40,13 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
 
     Args:
         clipping_norm: L2 bound C on the whole update, in (0, inf).
-        max_epsilon: the privacy budget of the site, in (0, inf): a release that would take the
-            site's cumulative epsilon (over all jobs, recorded in its ledger) above it is refused
-            before any noise is drawn.
+        max_epsilon: this filter's limit on the site's cumulative epsilon, in (0, inf), or null.
+            The site's lifetime cap lives in the site's own configuration
+            (``local/medflare_privacy_budget.json``, :mod:`medflare.privacy.site_budget`), not
+            here: a release that would take the site's epsilon (over all jobs, recorded in its
+            ledger) above ``min(site cap, max_epsilon)`` is refused before any noise is drawn.
+            A job's filter can so spend less than the site allows, never more; a site without a
+            budget file releases nothing.
         noise_multiplier: z in (0, inf); noise standard deviation is z * C.
         target_epsilon: epsilon to spend over ``num_rounds`` releases, in (0, inf).
         num_rounds: planned releases, for ``target_epsilon``; an int >= 1.
@@ -67,7 +70,7 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
     def __init__(
         self,
         clipping_norm: float,
-        max_epsilon: float,
+        max_epsilon: Optional[float] = None,
         noise_multiplier: Optional[float] = None,
         target_epsilon: Optional[float] = None,
         num_rounds: Optional[int] = None,
@@ -79,7 +82,8 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
     ):
         super().__init__([DataKind.WEIGHT_DIFF], passthrough_data_kinds, release_meta)
         check_real("clipping_norm", clipping_norm, 0.0, None, low_open=True)
-        check_real("max_epsilon", max_epsilon, 0.0, None, low_open=True)
+        if max_epsilon is not None:
+            check_real("max_epsilon", max_epsilon, 0.0, None, low_open=True)
         check_real("target_delta", target_delta, 0.0, 1.0, low_open=True, high_open=True)
         check_accountant(accountant)
         if noise_seed is not None:
@@ -112,12 +116,13 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
         self._releases_this_run = 0
         self._round_epsilon = None  # epsilon of one release at z: fixed, computed at the first release
 
-    def _ledger(self, fl_ctx: FLContext) -> PrivacyBudgetLedger:
+    @staticmethod
+    def _ledger(fl_ctx: FLContext) -> PrivacyBudgetLedger:
+        """The site's own ledger, with the site's cap, delta and accountant (never the job's)."""
         workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
         if workspace is None:
             raise LedgerError("no site workspace in the FL context: the privacy ledger cannot be found")
-        path = os.path.join(workspace.get_site_config_dir(), LEDGER_FILE_NAME)
-        return PrivacyBudgetLedger(path, self.max_epsilon, self.target_delta, self.accountant)
+        return PrivacyBudgetLedger.open_site(workspace.get_site_config_dir(), fl_ctx.get_identity_name())
 
     def filter_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
         check_update(dxo.data)  # NaN, inf, empty: refused before the budget is touched
@@ -127,7 +132,15 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
         z = self.effective_noise_multiplier
         ledger = self._ledger(fl_ctx)
         round_number = shareable.get_header(AppConstants.CURRENT_ROUND, fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
-        _, site_epsilon = ledger.reserve(z, job_id=fl_ctx.get_job_id() or "", round_number=round_number, source=type(self).__name__)
+        _, site_epsilon = ledger.reserve(
+            z,
+            job_id=fl_ctx.get_job_id() or "",
+            round_number=round_number,
+            source=type(self).__name__,
+            limit=self.max_epsilon,
+            delta=self.target_delta,
+        )
+        cap = ledger.max_epsilon if self.max_epsilon is None else min(ledger.max_epsilon, self.max_epsilon)
         released, info = gaussian_release(dxo.data, self.clipping_norm, z, self._noise, norm=norm)
         self._releases_this_run += 1
         if self._round_epsilon is None:
@@ -144,7 +157,7 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
             "epsilon_round": round_epsilon,
             "epsilon_run": run_epsilon,
             "epsilon_site": site_epsilon,
-            "max_epsilon": self.max_epsilon,
+            "max_epsilon": cap,
             "secure_noise": self._noise.cryptographically_secure,
         }
         meta = dict(dxo.meta)
@@ -153,7 +166,7 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
             fl_ctx,
             f"Gaussian DP release {self._releases_this_run} (round {round_number}): z={z:.4g}, C={self.clipping_norm:g}, "
             f"epsilon round {round_epsilon:.4g}, this run {run_epsilon:.4g}, site total {site_epsilon:.4g} of "
-            f"{self.max_epsilon:g} (delta {self.target_delta:g}, {self.accountant})",
+            f"{cap:g} (site delta {ledger.delta:g}, {ledger.accountant})",
         )
         # the norm is data-dependent: debug level only, so that streamed logs do not carry it
         self.log_debug(fl_ctx, f"update norm {info.l2_norm:.4g}, clipped by factor {info.clip_factor:.4g}")

@@ -363,15 +363,17 @@ class PrivacyBudgetLedger:
             raise ValueError(f"seal_path must differ from the ledger's path, got {seal_path!r}")
 
     @classmethod
-    def open_site(cls, local_dir: str) -> "PrivacyBudgetLedger":
-        """The ledger ``<local_dir>/medflare_privacy_ledger.json`` with the site's budget.
+    def open_site(cls, local_dir: str, site_name: Optional[str] = None) -> "PrivacyBudgetLedger":
+        """The ledger ``<local_dir>/medflare_privacy_ledger.json`` with the site's budget
+        (:func:`medflare.privacy.site_budget.load_site_budget`; ``site_name`` for its
+        environment variable).
 
         Raises:
             LedgerError: the site budget file is missing or malformed.
         """
         from medflare.privacy.site_budget import load_site_budget  # site_budget imports LedgerError from here
 
-        budget = load_site_budget(local_dir)
+        budget = load_site_budget(local_dir, site_name)
         return cls(os.path.join(local_dir, LEDGER_FILE_NAME), budget.max_epsilon, budget.delta, budget.accountant, budget.seal_path)
 
     @property

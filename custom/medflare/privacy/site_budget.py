@@ -11,6 +11,11 @@ computes it; the optional ``seal_path`` (an absolute path) puts the ledger's sea
 workspace (see :mod:`medflare.privacy.budget_ledger` for why one would). No other field is
 accepted: a misspelt ``max_epsilon`` must not silently leave the site without a cap.
 
+A process with no site workspace of its own, the NVFlare simulator's simulated clients, can
+name the file in the environment variable ``MEDFLARE_PRIVACY_BUDGET`` of the client process
+(``{site_name}`` in it is replaced by the client's name), as ``medflare run`` does; the file in
+``local/`` wins when both exist. The environment is the site's, never the job's.
+
 The ledger reads the budget from here (:meth:`PrivacyBudgetLedger.open_site
 <medflare.privacy.budget_ledger.PrivacyBudgetLedger.open_site>`); a filter's own
 ``max_epsilon`` can only lower it for that job. The file is installed by ``medflare site
@@ -28,9 +33,11 @@ from medflare.privacy.accounting import ACCOUNTANTS
 from medflare.privacy.argument_checks import check_real
 from medflare.privacy.budget_ledger import LedgerError
 
-__all__ = ["SITE_BUDGET_FILE_NAME", "SITE_BUDGET_FIELDS", "SiteBudget", "load_site_budget", "parse_site_budget"]
+__all__ = ["ENV_VAR", "SITE_BUDGET_FILE_NAME", "SITE_BUDGET_FIELDS", "SiteBudget", "load_site_budget", "parse_site_budget"]
 
 SITE_BUDGET_FILE_NAME = "medflare_privacy_budget.json"
+#: names the budget file of a client without one in ``local/`` (the simulator's clients)
+ENV_VAR = "MEDFLARE_PRIVACY_BUDGET"
 
 #: field -> what it must be, for messages
 SITE_BUDGET_FIELDS = {
@@ -95,16 +102,23 @@ def parse_site_budget(content, source: str) -> SiteBudget:
     return SiteBudget(max_epsilon, delta, accountant, os.path.normpath(seal_path) if seal_path else None)
 
 
-def load_site_budget(local_dir: str) -> SiteBudget:
-    """Read ``<local_dir>/medflare_privacy_budget.json``.
+def load_site_budget(local_dir: str, site_name: Optional[str] = None, environ: Optional[dict] = None) -> SiteBudget:
+    """Read ``<local_dir>/medflare_privacy_budget.json``, or the file :data:`ENV_VAR` names.
 
     Args:
         local_dir: the FLARE client's ``local/`` folder (its site config dir).
+        site_name: the client's name, for ``{site_name}`` in :data:`ENV_VAR`.
+        environ: the environment (default ``os.environ``).
 
     Raises:
         LedgerError: the file is missing, unreadable or malformed; nothing may be released.
     """
     path = os.path.join(local_dir, SITE_BUDGET_FILE_NAME)
+    named = (os.environ if environ is None else environ).get(ENV_VAR)
+    if not os.path.isfile(path) and named:
+        path = named.replace("{site_name}", site_name or "")
+        if not os.path.isfile(path):
+            raise LedgerError(f"site has no privacy budget: {path} (from {ENV_VAR}) not found")
     if not os.path.isfile(path):
         raise LedgerError(
             f"site has no privacy budget: {path} not found; install a site profile (medflare site install) "

@@ -26,6 +26,7 @@ from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 from nvflare.apis.workspace import Workspace
 from nvflare.app_common.app_constant import AppConstants
 
+from medflare.privacy.site_budget import SITE_BUDGET_FILE_NAME
 from medflare.privacy.update_checks import UnsafeUpdateError
 from medflare.transport.sparse_update import SparseTensor, decode_sparse
 from medflare.wire_contract import DATA_DEPENDENT_META, RESULT_HEADERS, RESULT_META
@@ -65,6 +66,8 @@ def _build(spec: dict):
 def fl_ctx(tmp_path):
     (tmp_path / "startup").mkdir()
     (tmp_path / "local").mkdir()
+    # the site's own lifetime cap, as a site profile installs it
+    (tmp_path / "local" / SITE_BUDGET_FILE_NAME).write_text(json.dumps({"max_epsilon": 100.0, "delta": 1e-5, "accountant": "rdp"}))
     ctx = FLContext()
     ctx.set_prop(FLContextKey.WORKSPACE_OBJECT, Workspace(str(tmp_path), "site-1"), private=True, sticky=True)
     return ctx

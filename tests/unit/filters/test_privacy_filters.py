@@ -17,7 +17,8 @@ from nvflare.app_common.app_constant import AppConstants
 from medflare.filters.gaussian_privacy import PRIVACY_META_KEY, GaussianPrivacyFilter
 from medflare.filters.percentile_sharing import SHARING_META_KEY, PercentileSharingFilter
 from medflare.privacy.accounting import epsilon_spent
-from medflare.privacy.budget_ledger import LEDGER_FILE_NAME
+from medflare.privacy.budget_ledger import LEDGER_FILE_NAME, PrivacyBudgetLedger
+from medflare.privacy.site_budget import SITE_BUDGET_FILE_NAME
 from medflare.privacy.update_checks import UnsafeUpdateError
 
 
@@ -25,9 +26,21 @@ from medflare.privacy.update_checks import UnsafeUpdateError
 def fl_ctx(tmp_path):
     (tmp_path / "startup").mkdir()
     (tmp_path / "local").mkdir()
+    write_site_budget(tmp_path / "local", max_epsilon=1000.0)
     ctx = FLContext()
     ctx.set_prop(FLContextKey.WORKSPACE_OBJECT, Workspace(str(tmp_path), "site-1"), private=True, sticky=True)
     return ctx
+
+
+def write_site_budget(local_dir, max_epsilon, delta=1e-5, accountant="rdp"):
+    """What a site profile installs: the site's own lifetime cap."""
+    (local_dir / SITE_BUDGET_FILE_NAME).write_text(
+        json.dumps({"max_epsilon": max_epsilon, "delta": delta, "accountant": accountant})
+    )
+
+
+def _releases(tmp_path):
+    return PrivacyBudgetLedger.read_releases(str(tmp_path / "local" / LEDGER_FILE_NAME))
 
 
 def _update():
@@ -111,7 +124,7 @@ def test_round_comes_from_the_context_when_the_result_has_no_header(fl_ctx, tmp_
     fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 4, private=True, sticky=False)
     result = DXO(data_kind=DataKind.WEIGHT_DIFF, data=_update()).to_shareable()
     _gaussian().process(result, fl_ctx)
-    assert json.loads((tmp_path / "local" / LEDGER_FILE_NAME).read_text())["releases"][0]["round"] == 4
+    assert _releases(tmp_path)[0]["round"] == 4
 
 
 def test_updates_whose_norm_overflows_are_refused_before_the_budget(fl_ctx, tmp_path):
@@ -141,7 +154,7 @@ def test_gaussian_filter_reports_epsilon_and_blocks_when_the_budget_is_spent(fl_
     assert second["epsilon_site"] == pytest.approx(second["epsilon_run"])
     assert second["noise_multiplier"] == 2.0 and second["secure_noise"] is False
     assert "l2_norm" not in json.dumps(second)  # the update's norm stays at the site
-    assert [r["round"] for r in json.loads((tmp_path / "local" / LEDGER_FILE_NAME).read_text())["releases"]] == [0, 1]
+    assert [r["round"] for r in _releases(tmp_path)] == [0, 1]
 
     ledger = tmp_path / "local" / LEDGER_FILE_NAME
     before = ledger.read_text()
@@ -155,6 +168,42 @@ def test_gaussian_filter_reports_epsilon_and_blocks_when_the_budget_is_spent(fl_
     # a new filter (a new job, or a restarted client) reads the same ledger and is refused too
     with pytest.raises(UnsafeUpdateError, match="privacy budget exhausted"):
         _gaussian(max_epsilon=budget).process(_result(), fl_ctx)
+
+
+def test_the_site_cap_wins_over_a_job_filter_that_asks_for_more(fl_ctx, tmp_path):
+    # the site allows two releases; a job's filter claiming a budget of 1000 gets two, not more
+    write_site_budget(tmp_path / "local", max_epsilon=epsilon_spent([(2.0, 2)], 1e-5) + 1e-9)
+    greedy = _gaussian(max_epsilon=1000.0)
+    for r in range(2):
+        out = from_shareable(greedy.process(_result(round_number=r), fl_ctx)).get_meta_prop(PRIVACY_META_KEY)
+        assert out["max_epsilon"] < 1000.0  # the record states the cap that held
+    with pytest.raises(UnsafeUpdateError, match="privacy budget exhausted"):
+        greedy.process(_result(round_number=2), fl_ctx)
+    with pytest.raises(UnsafeUpdateError, match="privacy budget exhausted"):
+        _gaussian(max_epsilon=None).process(_result(round_number=2), fl_ctx)
+    assert len(_releases(tmp_path)) == 2
+
+
+def test_a_site_without_a_budget_releases_nothing(fl_ctx, tmp_path):
+    (tmp_path / "local" / SITE_BUDGET_FILE_NAME).unlink()
+    with pytest.raises(UnsafeUpdateError, match="site has no privacy budget"):
+        _gaussian().process(_result(), fl_ctx)
+    assert not (tmp_path / "local" / LEDGER_FILE_NAME).exists()
+
+
+def test_a_job_cannot_loosen_the_sites_delta(fl_ctx):
+    with pytest.raises(UnsafeUpdateError, match="above the site's delta"):
+        _gaussian(target_delta=1e-3).process(_result(), fl_ctx)
+
+
+def test_deleting_the_ledger_mid_job_blocks_the_next_release(fl_ctx, tmp_path):
+    f = _gaussian()
+    f.process(_result(round_number=0), fl_ctx)
+    (tmp_path / "local" / LEDGER_FILE_NAME).unlink()
+    for r in (1, 2):  # and stays blocked: the budget is not reset by a missing file
+        with pytest.raises(UnsafeUpdateError, match="ledger"):
+            f.process(_result(round_number=r), fl_ctx)
+    assert not (tmp_path / "local" / LEDGER_FILE_NAME).exists()  # nothing was released or recorded
 
 
 def test_gaussian_filter_solves_the_noise_multiplier_from_a_target(fl_ctx):

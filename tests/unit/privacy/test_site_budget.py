@@ -97,3 +97,18 @@ def test_shipped_profile_budgets(profile, cap):
             if component["path"].endswith("GaussianPrivacyFilter"):
                 args = component["args"]
                 assert (args["max_epsilon"], args["target_delta"], args["accountant"]) == (cap, 1e-5, "rdp")
+
+
+def test_a_client_without_a_local_budget_reads_the_file_its_environment_names(tmp_path):
+    from medflare.privacy.site_budget import ENV_VAR
+
+    local = tmp_path / "site-2" / "local"
+    local.mkdir(parents=True)
+    (tmp_path / "budget-site-2.json").write_text(json.dumps({"max_epsilon": 3.0, "delta": 1e-5, "accountant": "rdp"}))
+    env = {ENV_VAR: str(tmp_path / "budget-{site_name}.json")}
+    assert load_site_budget(str(local), "site-2", env).max_epsilon == 3.0
+    with pytest.raises(LedgerError, match=r"budget-site-9.json \(from MEDFLARE_PRIVACY_BUDGET\) not found"):
+        load_site_budget(str(local), "site-9", env)
+    # the site's own file wins over the environment
+    (local / "medflare_privacy_budget.json").write_text(json.dumps({"max_epsilon": 1.0, "delta": 1e-5, "accountant": "rdp"}))
+    assert load_site_budget(str(local), "site-2", env).max_epsilon == 1.0
