@@ -12,6 +12,7 @@ import json
 import os
 
 from medflare.cli.budget import format_budget, ledger_path
+from medflare.privacy.budget_ledger import LedgerError
 from medflare.sites.site_install import DATA_CONFIG_FILE, install_site, plan_install, read_manifest
 from medflare.sites.site_profiles import available_profiles, resolve_profile
 
@@ -75,7 +76,10 @@ def format_site(workspace: str) -> str:
             data = json.load(f)
         lines.append(f"data: datalist {data['datalist']}, images under {data['data_root']}")
     if manifest.get("role") == "client":
-        lines += ["", format_budget(ledger_path(workspace))]
+        try:
+            lines += ["", format_budget(ledger_path(workspace))]
+        except LedgerError as e:  # a blocked ledger is what the admin most needs to see here
+            lines += ["", f"privacy budget: BLOCKED: {e}"]
     return "\n".join(lines)
 
 
