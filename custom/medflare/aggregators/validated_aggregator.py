@@ -41,7 +41,7 @@ from medflare.aggregators.contribution_checks import (
 from medflare.aggregators.estimators import ESTIMATORS, combine, total_weight
 from medflare.privacy.argument_checks import check_int, check_real
 from medflare.transport.sparse_update import SparseTensor, decode_sparse, decode_sparse_with_masks, register_sparse_decomposers
-from medflare.wire_contract import AGGREGATION, NUM_STEPS, PERCENTILE_SHARING
+from medflare.wire_contract import AGGREGATION, NUM_STEPS, NUM_TRAIN_CASES, PERCENTILE_SHARING
 
 __all__ = ["ValidatedAggregator", "AGGREGATION_META_KEY"]
 
@@ -49,6 +49,8 @@ __all__ = ["ValidatedAggregator", "AGGREGATION_META_KEY"]
 AGGREGATION_META_KEY = AGGREGATION
 
 _UNWEIGHTED = ("median", "trimmed_mean")
+#: the meta keys a site may send that are weights (counts), from the wire contract
+WEIGHT_KEYS = (NUM_STEPS, NUM_TRAIN_CASES)
 
 
 class ValidatedAggregator(Aggregator):
@@ -56,7 +58,8 @@ class ValidatedAggregator(Aggregator):
 
     Args:
         expected_data_kind: ``"WEIGHT_DIFF"`` (default) or ``"WEIGHTS"``.
-        weight_meta_key: DXO meta key of each site's weight (default ``NUM_STEPS_CURRENT_ROUND``).
+        weight_meta_key: DXO meta key of each site's weight: ``NUM_STEPS_CURRENT_ROUND``
+            (default) or ``num_train_cases``, the counts the wire contract declares.
         default_weight: weight for a site that reports none; null (default) refuses such sites
             unless ``equal_weights_when_withheld`` is set.
         max_update_norm: refuse updates whose L2 norm exceeds this; null for no bound.
@@ -86,8 +89,8 @@ class ValidatedAggregator(Aggregator):
         super().__init__()
         if expected_data_kind not in ("WEIGHT_DIFF", "WEIGHTS"):
             raise ValueError(f"expected_data_kind must be 'WEIGHT_DIFF' or 'WEIGHTS', got {expected_data_kind!r}")
-        if not isinstance(weight_meta_key, str) or not weight_meta_key:
-            raise ValueError(f"weight_meta_key must be a non-empty string, got {weight_meta_key!r}")
+        if weight_meta_key not in WEIGHT_KEYS:
+            raise ValueError(f"weight_meta_key must be a count the wire contract declares, one of {list(WEIGHT_KEYS)}, got {weight_meta_key!r}")
         if default_weight is not None:
             check_real("default_weight", default_weight, 0.0, None, low_open=True)
         if max_update_norm is not None:

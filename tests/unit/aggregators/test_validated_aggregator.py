@@ -181,6 +181,8 @@ def test_sharer_mean_averages_each_entry_over_the_sites_that_shared_it():
         ({"estimator": "mean"}, "estimator must be one of"),
         ({"trim_fraction": 0.5}, r"trim_fraction must be in \[0.0, 0.5\)"),
         ({"weight_meta_key": ""}, "weight_meta_key must be"),
+        ({"weight_meta_key": "num_train_case"}, "a count the wire contract declares"),
+        ({"weight_meta_key": "train_loss"}, "a count the wire contract declares"),
         ({"max_weight": 0}, r"max_weight must be in \(0.0, inf\), got 0.0"),
         ({"max_weight": float("inf")}, "max_weight must be a finite"),
         ({"max_weight": 10, "default_weight": 20}, "default_weight 20 exceeds max_weight 10"),
