@@ -49,6 +49,9 @@ __all__ = [
     "FILTERS_APPLIED",
     "PERCENTILE_SHARING",
     "GAUSSIAN_DP",
+    "DP_SGD",
+    "DP_SGD_REQUIRED",
+    "DP_SGD_RECORD",
     "AGGREGATION",
     "CURRENT_ROUND",
     "RESULT_META",
@@ -85,6 +88,11 @@ FILTERS_APPLIED = "medflare_filters_applied"
 PERCENTILE_SHARING = "medflare_percentile_sharing"
 #: the Gaussian filter's record of the release (mechanism, noise, epsilon)
 GAUSSIAN_DP = "medflare_gaussian_dp"
+#: the record of patient-level DP-SGD: written by the executor (noise, clipping, sampling, steps),
+#: checked, charged to the site's ledger and completed with epsilon by the site's result filter
+DP_SGD = "medflare_dp_sgd"
+#: task-data header a site's own task-data filter sets: the DP-SGD the site requires of the executor
+DP_SGD_REQUIRED = "medflare_dp_sgd_required"
 #: the server's record of a round's aggregation (server-side only: a site never sends it)
 AGGREGATION = "medflare_aggregation"
 #: the round the result belongs to, a header the executor sets for the filters and the ledger
@@ -273,6 +281,22 @@ _GAUSSIAN_RECORD = _record(
     secure_noise=_boolean,
 )
 
+#: the DP-SGD record: the executor writes the first six fields, the site's filter the rest
+DP_SGD_RECORD = _record(
+    mechanism=_one_of("dp_sgd"),
+    neighbouring_relation=_one_of("add/remove one patient"),
+    noise_multiplier=_real(0.0),
+    max_grad_norm=_real(0.0),
+    sample_rate=_real(0.0),
+    steps=_integer(1),
+    delta=_optional(_real(0.0)),
+    accountant=_optional(_one_of("rdp", "prv")),
+    epsilon_round=_optional(_real(0.0)),
+    epsilon_run=_optional(_real(0.0)),
+    epsilon_site=_optional(_real(0.0)),
+    max_epsilon=_optional(_real(0.0)),
+)
+
 _SHARING_RECORD = _record(
     fraction_shared=_real(0.0),
     gamma=_real(0.0, allow_none=True),
@@ -306,6 +330,10 @@ RESULT_META: dict[str, DeclaredKey] = _declare(
                 "the sharing parameters and how many entries were shared (fixed by the model's size)"),
     DeclaredKey(GAUSSIAN_DP, _GAUSSIAN_RECORD, False, "filter",
                 "the noise parameters and the epsilon spent (the count of the site's releases)"),
+    DeclaredKey(DP_SGD, DP_SGD_RECORD, False, "executor",
+                "the per-patient noise, clipping, sampling rate and steps, and the per-patient epsilon spent; "
+                "the sampling rate is patients per step over the site's patients, so it gives the site's size "
+                "to the precision the site chooses"),
 )
 
 #: data-dependent meta keys: what ``release_meta`` may name
