@@ -4,11 +4,20 @@ accountant and the site's persistent privacy budget.
 The mathematics, the neighbouring relation (a whole site's dataset) and what voids the
 guarantee are in :mod:`medflare.privacy.gaussian_mechanism`; accounting in
 :mod:`medflare.privacy.accounting`; the budget in :mod:`medflare.privacy.budget_ledger`.
+
+Normalisation statistics (BatchNorm's ``running_mean``, ``running_var``,
+``num_batches_tracked``) are not learned weights: they are withheld (sent as a zero difference,
+so the global model keeps its own) and take no part in the clipping norm or the noise. Noise on
+a running variance can make it negative and break the model (seen in a real federation at round
+1); withholding them is what keeps the guarantee, since nothing of them leaves the site. A
+network trained under DP should use GroupNorm, which has no running statistics.
 """
 
 from __future__ import annotations
 
 import math
+
+import numpy as np
 from typing import Optional
 
 from nvflare.apis.dxo import DXO, DataKind
@@ -23,7 +32,14 @@ from medflare.privacy.argument_checks import check_int, check_real
 from medflare.privacy.budget_ledger import LedgerError, PrivacyBudgetLedger
 from medflare.privacy.gaussian_mechanism import gaussian_release, l2_norm
 from medflare.privacy.noise_sources import make_noise_source
-from medflare.privacy.update_checks import UnsafeUpdateError, check_update
+from medflare.privacy.update_checks import (
+    UnsafeUpdateError,
+    as_numpy,
+    check_update,
+    is_floating,
+    is_normalisation_statistic,
+    numel,
+)
 from medflare.wire_contract import GAUSSIAN_DP
 
 __all__ = ["GaussianPrivacyFilter", "PRIVACY_META_KEY"]
@@ -126,7 +142,12 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
 
     def filter_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
         check_update(dxo.data)  # NaN, inf, empty: refused before the budget is touched
-        norm = l2_norm(dxo.data)
+        # normalisation statistics are not learned weights: withheld, never noised into invalid values
+        withheld = [k for k in dxo.data if is_normalisation_statistic(k)]
+        learned = {k: v for k, v in dxo.data.items() if k not in withheld}
+        if not any(is_floating(v) and numel(v) for v in learned.values()):
+            raise UnsafeUpdateError("the update has no learned floating-point weights to release")
+        norm = l2_norm(learned)
         if not math.isfinite(norm):
             raise UnsafeUpdateError("update norm overflows; nothing released")
         z = self.effective_noise_multiplier
@@ -141,7 +162,10 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
             delta=self.target_delta,
         )
         cap = ledger.max_epsilon if self.max_epsilon is None else min(ledger.max_epsilon, self.max_epsilon)
-        released, info = gaussian_release(dxo.data, self.clipping_norm, z, self._noise, norm=norm)
+        released, info = gaussian_release(learned, self.clipping_norm, z, self._noise, norm=norm)
+        for key in withheld:  # a zero difference: the server's model keeps its own statistics
+            released[key] = np.zeros(np.shape(dxo.data[key]), dtype=as_numpy(dxo.data[key]).dtype)
+        released = {k: released[k] for k in dxo.data}
         self._releases_this_run += 1
         if self._round_epsilon is None:
             self._round_epsilon = epsilon_spent([(z, 1)], self.target_delta, self.accountant)

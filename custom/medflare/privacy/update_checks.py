@@ -20,6 +20,7 @@ __all__ = [
     "all_finite",
     "as_numpy",
     "as_numpy_update",
+    "is_normalisation_statistic",
     "l2_norm",
     "like_input",
 ]
@@ -149,3 +150,17 @@ def as_numpy_update(update) -> dict:
             raise UnsafeUpdateError(f"update keys must be parameter names (strings), got {key!r:.80}")
         out[key] = _entry(key, value)
     return out
+
+
+#: the buffer names torch's BatchNorm/InstanceNorm layers give their running statistics
+_NORMALISATION_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_normalisation_statistic(name: str) -> bool:
+    """True for a normalisation layer's running statistic (``...bn.running_var`` and the like).
+
+    They are not learned weights: they are means and variances of the site's own images, and
+    noising them can make a variance negative. The Gaussian filter withholds them (a zero
+    difference: the global model keeps its own) and DP-SGD refuses networks that have them.
+    """
+    return isinstance(name, str) and name.rsplit(".", 1)[-1] in _NORMALISATION_STATISTICS

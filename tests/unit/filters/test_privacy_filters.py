@@ -307,3 +307,23 @@ def test_filters_record_in_order_where_they_were_configured(fl_ctx):
     # a filter built outside NVFlare's chains says so rather than guessing
     untagged = from_shareable(PercentileSharingFilter(fraction_shared=0.5, gamma=0.5).process(_result(), fl_ctx))
     assert untagged.get_meta_prop(APPLIED_META_KEY) == [{"filter": "PercentileSharingFilter", "source": "unknown"}]
+
+
+def test_normalisation_statistics_are_withheld_never_noised(fl_ctx):
+    update = {
+        "conv.weight": np.full((4, 3), 0.1, np.float32),
+        "bn.running_mean": np.full(4, 0.5, np.float32),
+        "bn.running_var": np.full(4, 0.01, np.float32),
+        "bn.num_batches_tracked": np.array(3, np.int64),
+    }
+    out = from_shareable(_gaussian(noise_multiplier=50.0).process(_result(update), fl_ctx))
+    assert set(out.data) == set(update)
+    for key in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):
+        assert not out.data[key].any(), key  # a zero difference: the global model keeps its statistics
+        assert out.data[key].dtype == update[key].dtype
+    assert np.abs(out.data["conv.weight"] - 0.1).max() > 1.0  # the learned weights were noised (z=50)
+
+
+def test_an_update_of_normalisation_statistics_alone_is_refused(fl_ctx):
+    with pytest.raises(UnsafeUpdateError, match="no learned floating-point weights"):
+        _gaussian().process(_result({"bn.running_var": np.ones(4, np.float32)}), fl_ctx)

@@ -1,0 +1,183 @@
+"""The site's enforcement of patient-level DP-SGD: what it requires of the executor, checked and
+charged to the site's ledger before anything is released.
+
+DP-SGD itself runs inside the executor (per-patient clipping and noise at every local step, see
+:mod:`medflare.privacy.dp_sgd`); a filter cannot add it afterwards. What the site can do, and
+this filter does, is:
+
+1. **On the way in** (as a ``task_data_filter``): put the site's requirement in the train task's
+   header :data:`medflare.wire_contract.DP_SGD_REQUIRED` (the least noise multiplier, the
+   largest clipping norm). The executor trains with at least that noise and at most that norm,
+   whatever the job asks; a job may ask for more noise, never less.
+2. **On the way out** (as a ``task_result_filter``): release a model result only when it carries
+   a DP-SGD record (:data:`medflare.wire_contract.DP_SGD`) that meets the requirement, and only
+   after charging the record's ``(noise_multiplier, sample_rate, steps)`` to the site's ledger
+   (:meth:`medflare.privacy.budget_ledger.PrivacyBudgetLedger.reserve`, mechanism ``dp_sgd``).
+   A result without a record, with a weaker one, with BatchNorm running statistics (which
+   DP-SGD does not privatise), or that would exceed the site's budget, is blocked.
+
+What the site must trust: the executor. The record says what the executor did; the filter can
+check that it is what the site required, not that the executor did it. That is why the site's
+class allow-list decides which executors may run (``medflare.executors.*``), and why this filter
+belongs in the site's ``privacy.json``, not in a job.
+
+Notes:
+    The neighbouring relation is add/remove one **patient** with all of their images (every
+    crop or slice of them in a step is clipped together). With noise multiplier :math:`z`,
+    Poisson sampling rate :math:`q` and :math:`T` steps, the site's per-patient
+    :math:`(\\varepsilon, \\delta)` is that of the subsampled Gaussian mechanism composed
+    :math:`T` times (Abadi et al. 2016 [1]; RDP of the sampled Gaussian mechanism, Mironov et
+    al. 2019 [2]), composed over every round and job the ledger records.
+
+    References:
+        [1] M. Abadi et al., "Deep Learning with Differential Privacy", CCS 2016.
+        [2] I. Mironov, K. Talwar, L. Zhang, "Rényi Differential Privacy of the Sampled
+            Gaussian Mechanism", arXiv:1908.10530, 2019.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.fl_constant import FilterKey, FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.app_constant import AppConstants
+
+from medflare.filters.fail_closed_filter import FailClosedDXOFilter
+from medflare.privacy.accounting import check_accountant, epsilon_of_history
+from medflare.privacy.argument_checks import check_real
+from medflare.privacy.budget_ledger import LedgerError, PrivacyBudgetLedger
+from medflare.privacy.update_checks import UnsafeUpdateError, check_update, is_normalisation_statistic
+from medflare.wire_contract import DP_SGD, DP_SGD_REQUIRED
+
+__all__ = ["PatientDPSGDFilter"]
+
+
+class PatientDPSGDFilter(FailClosedDXOFilter):
+    """Require patient-level DP-SGD of the executor, check its record and charge the site's ledger.
+
+    Configure it in a site scope's ``task_data_filters`` **and** ``task_result_filters`` with
+    the same arguments (the first tells the executor, the second checks and charges).
+
+    Args:
+        noise_multiplier: the least noise multiplier z the site accepts, in (0, inf).
+        max_grad_norm: the largest per-patient clipping norm C the site accepts, in (0, inf).
+        target_delta: delta in (0, 1) of the reported epsilon; at most the site budget's delta.
+        max_epsilon: this filter's limit on the site's cumulative epsilon, or null; the site's
+            lifetime cap is its budget file's (``local/medflare_privacy_budget.json``).
+        accountant: ``"rdp"`` (default) or ``"prv"``, for the reported per-round epsilon.
+        passthrough_data_kinds: result kinds without model parameters let through after their
+            check (default ``["METRICS"]``).
+        release_meta: data-dependent meta keys released (default none).
+
+    Raises:
+        ValueError, TypeError: when the job is built, for an out-of-range or wrongly typed argument.
+    """
+
+    def __init__(
+        self,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        target_delta: float = 1e-5,
+        max_epsilon: Optional[float] = None,
+        accountant: str = "rdp",
+        passthrough_data_kinds: Optional[list] = None,
+        release_meta: Optional[list] = None,
+    ):
+        super().__init__([DataKind.WEIGHT_DIFF, DataKind.WEIGHTS], passthrough_data_kinds, release_meta)
+        check_real("noise_multiplier", noise_multiplier, 0.0, None, low_open=True)
+        check_real("max_grad_norm", max_grad_norm, 0.0, None, low_open=True)
+        check_real("target_delta", target_delta, 0.0, 1.0, low_open=True, high_open=True)
+        if max_epsilon is not None:
+            check_real("max_epsilon", max_epsilon, 0.0, None, low_open=True)
+        check_accountant(accountant)
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.target_delta = target_delta
+        self.max_epsilon = max_epsilon
+        self.accountant = accountant
+        self._history: list[tuple[float, float, int]] = []  # this run's releases, for epsilon_run
+
+    @property
+    def requirement(self) -> dict:
+        """What the executor is told (the header :data:`medflare.wire_contract.DP_SGD_REQUIRED`)."""
+        return {"noise_multiplier": float(self.noise_multiplier), "max_grad_norm": float(self.max_grad_norm)}
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        if fl_ctx.get_prop(FLContextKey.FILTER_DIRECTION) == FilterKey.IN:
+            if not isinstance(shareable, Shareable):
+                self._refuse(fl_ctx, f"{type(self).__name__}: the task is a {type(shareable).__name__}, not a Shareable")
+            # the site's requirement overwrites whatever the server put there: it cannot weaken it
+            shareable.set_header(DP_SGD_REQUIRED, self.requirement)
+            return shareable
+        return super().process(shareable, fl_ctx)
+
+    def _checked_record(self, dxo: DXO) -> dict:
+        record = dxo.get_meta_prop(DP_SGD)
+        if not isinstance(record, dict):
+            raise UnsafeUpdateError(
+                "the result carries no DP-SGD record: the executor did not train with patient-level DP-SGD, "
+                "which this site requires; nothing released"
+            )
+        if record["noise_multiplier"] < self.noise_multiplier:
+            raise UnsafeUpdateError(
+                f"the DP-SGD record's noise_multiplier {record['noise_multiplier']:g} is below the site's "
+                f"{self.noise_multiplier:g}; nothing released"
+            )
+        if record["max_grad_norm"] > self.max_grad_norm:
+            raise UnsafeUpdateError(
+                f"the DP-SGD record's max_grad_norm {record['max_grad_norm']:g} is above the site's "
+                f"{self.max_grad_norm:g}; nothing released"
+            )
+        if not 0.0 < record["sample_rate"] <= 1.0:
+            raise UnsafeUpdateError(f"the DP-SGD record's sample_rate {record['sample_rate']!r} is not in (0, 1]")
+        return record
+
+    def filter_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
+        check_update(dxo.data)
+        stats = sorted(k for k, v in dxo.data.items() if is_normalisation_statistic(k) and getattr(v, "size", 1))
+        if stats:
+            raise UnsafeUpdateError(
+                f"the update holds normalisation statistics {stats[:3]}, which DP-SGD does not privatise "
+                "(use a network with GroupNorm under DP-SGD); nothing released"
+            )
+        record = self._checked_record(dxo)
+        z, q, steps = record["noise_multiplier"], record["sample_rate"], record["steps"]
+        workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
+        if workspace is None:
+            raise LedgerError("no site workspace in the FL context: the privacy ledger cannot be found")
+        ledger = PrivacyBudgetLedger.open_site(workspace.get_site_config_dir(), fl_ctx.get_identity_name())
+        round_number = shareable.get_header(AppConstants.CURRENT_ROUND, fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
+        _, site_epsilon = ledger.reserve(
+            z,
+            job_id=fl_ctx.get_job_id() or "",
+            round_number=round_number,
+            source=type(self).__name__,
+            sample_rate=q,
+            steps=steps,
+            mechanism="dp_sgd",
+            limit=self.max_epsilon,
+            delta=self.target_delta,
+        )
+        self._history.append((z, q, steps))
+        cap = ledger.max_epsilon if self.max_epsilon is None else min(ledger.max_epsilon, self.max_epsilon)
+        completed = dict(
+            record,
+            delta=float(self.target_delta),
+            accountant=self.accountant,
+            epsilon_round=epsilon_of_history([(z, q, steps)], self.target_delta, self.accountant),
+            epsilon_run=epsilon_of_history(self._history, self.target_delta, self.accountant),
+            epsilon_site=site_epsilon,
+            max_epsilon=cap,
+        )
+        meta = dict(dxo.meta)
+        meta[DP_SGD] = completed
+        self.log_info(
+            fl_ctx,
+            f"DP-SGD release (round {round_number}): z={z:.4g}, C={record['max_grad_norm']:g}, q={q:.4g}, "
+            f"{steps} steps; per-patient epsilon this round {completed['epsilon_round']:.4g}, this run "
+            f"{completed['epsilon_run']:.4g}, site total {site_epsilon:.4g} of {cap:g}",
+        )
+        return DXO(data_kind=dxo.data_kind, data=dict(dxo.data), meta=meta)
