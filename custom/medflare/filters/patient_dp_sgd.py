@@ -14,7 +14,8 @@ this filter does, is:
    after charging the record's ``(noise_multiplier, sample_rate, steps)`` to the site's ledger
    (:meth:`medflare.privacy.budget_ledger.PrivacyBudgetLedger.reserve`, mechanism ``dp_sgd``).
    A result without a record, with a weaker one, with BatchNorm running statistics (which
-   DP-SGD does not privatise), or that would exceed the site's budget, is blocked.
+   DP-SGD does not privatise), or that would exceed the site's budget, is blocked; entries that
+   are not floating-point (counters) are withheld as zeros, as every medflare filter does.
 
 What the site must trust: the executor. The record says what the executor did; the filter can
 check that it is what the site required, not that the executor did it. That is why the site's
@@ -39,6 +40,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
+
 from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.fl_constant import FilterKey, FLContextKey
 from nvflare.apis.fl_context import FLContext
@@ -49,7 +52,13 @@ from medflare.filters.fail_closed_filter import FailClosedDXOFilter
 from medflare.privacy.accounting import check_accountant, epsilon_of_history
 from medflare.privacy.argument_checks import check_real
 from medflare.privacy.budget_ledger import LedgerError, PrivacyBudgetLedger
-from medflare.privacy.update_checks import UnsafeUpdateError, check_update, is_normalisation_statistic
+from medflare.privacy.update_checks import (
+    UnsafeUpdateError,
+    as_numpy,
+    check_update,
+    is_floating,
+    is_normalisation_statistic,
+)
 from medflare.wire_contract import DP_SGD, DP_SGD_REQUIRED
 
 __all__ = ["PatientDPSGDFilter"]
@@ -180,4 +189,6 @@ class PatientDPSGDFilter(FailClosedDXOFilter):
             f"{steps} steps; per-patient epsilon this round {completed['epsilon_round']:.4g}, this run "
             f"{completed['epsilon_run']:.4g}, site total {site_epsilon:.4g} of {cap:g}",
         )
-        return DXO(data_kind=dxo.data_kind, data=dict(dxo.data), meta=meta)
+        # DP-SGD privatises the learned weights; a non-floating buffer is not one of them: withheld
+        data = {k: v if is_floating(v) else np.zeros(np.shape(v), dtype=as_numpy(v).dtype) for k, v in dxo.data.items()}
+        return DXO(data_kind=dxo.data_kind, data=data, meta=meta)

@@ -53,7 +53,8 @@ CONFIGURATIONS = _configurations()
 
 def test_the_shipped_configurations_are_all_here():
     # a new profile scope or job filter joins this suite by itself; this guards the glob
-    assert {"research:partial_sharing", "research:differential_privacy", "clinical:clinical", "clinical:clinical_sparse"} <= set(CONFIGURATIONS)
+    assert {"research:partial_sharing", "research:differential_privacy", "research:dp_sgd", "clinical:clinical",
+            "clinical:clinical_sparse", "clinical:dp_sgd"} <= set(CONFIGURATIONS)
     assert any(name.startswith("job:") for name in CONFIGURATIONS)
 
 
@@ -89,12 +90,18 @@ def _update(dtype=np.float32):
     return {
         "conv.weight": (rng.standard_normal((8, 4)) * 0.01).astype(dtype),
         "conv.bias": (rng.standard_normal(8) * 0.01).astype(dtype),
-        "bn.num_batches_tracked": np.array(3, np.int64),
+        "layer.step_count": np.array(3, np.int64),  # a non-floating buffer: withheld by every filter
     }
+
+
+#: a DP-SGD record stronger than any shipped scope requires, so that DP-SGD scopes release the honest result
+DP_SGD_RECORD = {"mechanism": "dp_sgd", "neighbouring_relation": "add/remove one patient", "noise_multiplier": 5.0,
+                 "max_grad_norm": 0.5, "sample_rate": 0.01, "steps": 10}
 
 
 def _meta():
     return {
+        "medflare_dp_sgd": dict(DP_SGD_RECORD),
         MetaKey.NUM_STEPS_CURRENT_ROUND: 12,
         "num_train_cases": 24,
         "train_loss": 0.42,
@@ -140,7 +147,10 @@ def _assert_clean(out: Shareable):
 def test_an_honest_update_is_released_clean(config, fl_ctx):
     dxo = _assert_clean(_chain(config)(_honest(), fl_ctx))
     assert dxo.data_kind == DataKind.WEIGHT_DIFF
-    assert not np.array_equal(_released_arrays(dxo)["conv.weight"], _update()["conv.weight"])
+    assert not _released_arrays(dxo)["layer.step_count"].any()  # counters are withheld
+    if not any("PatientDPSGDFilter" in spec["path"] for spec in CONFIGURATIONS[config]):
+        # the filter changed the update (DP-SGD's noise is the executor's, checked by its record)
+        assert not np.array_equal(_released_arrays(dxo)["conv.weight"], _update()["conv.weight"])
 
 
 @pytest.mark.parametrize("config", CONFIGURATIONS)
@@ -176,7 +186,7 @@ def test_valid_updates_of_every_precision_are_filtered_not_refused(config, make,
 @pytest.mark.parametrize("config", CONFIGURATIONS)
 def test_data_dependent_meta_leaves_only_where_the_scope_allows_it(config, fl_ctx):
     dxo = _assert_clean(_chain(config)(_honest(), fl_ctx))
-    dp = any("GaussianPrivacyFilter" in spec["path"] for spec in CONFIGURATIONS[config])
+    dp = any(name in spec["path"] for spec in CONFIGURATIONS[config] for name in ("GaussianPrivacyFilter", "PatientDPSGDFilter"))
     released = {k for k in DATA_DEPENDENT_META if k in dxo.meta}
     if dp:
         assert released == set(), f"{config} is a DP configuration yet released {released}"
@@ -287,7 +297,9 @@ HOSTILE = {
     "data-not-a-mapping": _with(lambda r: r["DXO"].__setitem__("data", np.ones(4))),
     "meta-not-a-mapping": _with(lambda r: r["DXO"].__setitem__("meta", [np.ones(4)])),
     # kinds
-    "full-weights": lambda: _honest(kind=DataKind.WEIGHTS),
+    "full-weights": lambda: _honest(kind=DataKind.WEIGHTS, meta={k: v for k, v in _meta().items() if k != "medflare_dp_sgd"}),
+    "dp-sgd-record-malformed": lambda: _honest(meta={"medflare_dp_sgd": dict(DP_SGD_RECORD, steps=0)}),
+    "dp-sgd-record-with-an-array": lambda: _honest(meta={"medflare_dp_sgd": dict(DP_SGD_RECORD, noise_multiplier=np.ones(3))}),
     "collection": lambda: _honest(kind=DataKind.COLLECTION),
     "app-defined": lambda: _honest(kind=DataKind.APP_DEFINED),
     "fl-model": lambda: _honest(kind=DataKind.FL_MODEL),

@@ -217,7 +217,7 @@ def test_command_line_install_show_and_refusal(tmp_path, tiny_sites, capsys):
 
     assert main(["site", "install", "--workspace", str(ws), "--profile", "clinical", "--data", tiny_sites["site-1"], "--gpus", "0"]) == 0
     out = capsys.readouterr().out
-    assert "scopes clinical, clinical_sparse; default clinical" in out and "restart the FLARE client" in out
+    assert "scopes clinical, clinical_sparse, dp_sgd; default clinical" in out and "restart the FLARE client" in out
 
     assert main(["site", "show", "--workspace", str(ws)]) == 0
     out = capsys.readouterr().out

@@ -20,6 +20,7 @@ from medflare.sites.site_profiles import (
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+DP_SGD = "medflare.filters.patient_dp_sgd.PatientDPSGDFilter"
 GAUSSIAN = "medflare.filters.gaussian_privacy.GaussianPrivacyFilter"
 PERCENTILE = "medflare.filters.percentile_sharing.PercentileSharingFilter"
 
@@ -53,12 +54,16 @@ def test_shipped_profiles_load_and_build_every_filter(name):
             assert is_allowed(f["path"], site_class_allow_list())
 
 
-def test_clinical_profile_releases_no_update_without_gaussian_noise_within_a_budget():
+def test_clinical_profile_releases_no_update_without_differential_privacy_within_a_budget():
     profile = resolve_profile("clinical")
+    assert profile.budget.max_epsilon <= 8.0
     for scope in profile.privacy["scopes"]:
         paths = [f["path"] for f in scope["task_result_filters"]]
-        assert paths[0] == GAUSSIAN, f"scope {scope['name']} must start with Gaussian DP"
-        assert scope["task_result_filters"][0]["args"]["max_epsilon"] <= 8.0
+        assert paths[0] in (GAUSSIAN, DP_SGD), f"scope {scope['name']} must start with Gaussian DP or DP-SGD"
+        if paths[0] == GAUSSIAN:
+            assert scope["task_result_filters"][0]["args"]["max_epsilon"] <= 8.0
+        else:  # DP-SGD: the executor is told the requirement on the way in, with the same arguments
+            assert scope["task_data_filters"] == scope["task_result_filters"][:1]
     assert profile.resources["allow_log_streaming"] is False
 
 
