@@ -63,8 +63,13 @@ def test_every_shipped_brats_job_completes_with_the_site_policy_applied(federati
                 if "GaussianPrivacyFilter" in own:
                     assert seen["privacy"]["medflare_gaussian_dp"]["noise_multiplier"] > 0
         app_server = os.path.join(result, "workspace", "app_server")
-        for model in ("FL_global_model.pt", "best_FL_global_model.pt"):
+        # a DP filter withholds the sites' validation scores (initial_metrics): no best-model selection
+        dp = "GaussianPrivacyFilter" in own
+        for model in ("FL_global_model.pt",) + (() if dp else ("best_FL_global_model.pt",)):
             assert os.path.isfile(os.path.join(app_server, model)), (job, model)
+        if dp:
+            for record in records:
+                assert all(seen["steps"] is None and seen["global_model_metrics"] == {} for seen in record["sites"].values())
         assert os.path.isfile(os.path.join(result, "workspace", "cross_site_val", "cross_val_results.json"))
 
 
