@@ -47,6 +47,10 @@ class OutcomeExecutor(SiteTrainingExecutor):
         device, seed, validate_global_model, local_model, task names: as for every medflare
             executor (:class:`~medflare.executors.site_training_executor.SiteTrainingExecutor`);
             ``local_model="site_only"`` gives cross-site evaluation EXAM's single-site models.
+        dp_sgd: null or patient-level DP-SGD settings (see
+            :class:`~medflare.executors.site_training_executor.SiteTrainingExecutor`); an image
+            network needs ``OutcomeNet(norm="group")``. ``local_steps`` steps of Poisson-sampled
+            patients per round, or ``ceil(1 / q)`` per epoch.
 
     Raises:
         ValueError: when an argument is out of range, or the model's declared inputs and
@@ -75,6 +79,7 @@ class OutcomeExecutor(SiteTrainingExecutor):
         train_task_name: str = AppConstants.TASK_TRAIN,
         validate_task_name: str = AppConstants.TASK_VALIDATION,
         submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
+        dp_sgd: Optional[dict] = None,
     ):
         super().__init__(
             model,
@@ -85,6 +90,7 @@ class OutcomeExecutor(SiteTrainingExecutor):
             train_task_name=train_task_name,
             validate_task_name=validate_task_name,
             submit_model_task_name=submit_model_task_name,
+            dp_sgd=dp_sgd,
         )
         check_columns("label_columns", label_columns, allow_empty=False)
         check_columns("clinical_columns", clinical_columns, allow_empty=True)
@@ -157,10 +163,11 @@ class OutcomeExecutor(SiteTrainingExecutor):
             clinical_normalisation=self.clinical_normalisation,
             device=self.device,
             seed=self.seed,
+            dp_sgd=self._dp_settings,
         )
 
     def _build_site_only_trainer(self, config):
         return self._trainer.sibling(self._build_network())  # the cases are already loaded
 
-    def _train_locally(self, trainer, should_abort: Callable[[], bool]) -> TrainResult:
-        return trainer.train(self.local_epochs, self.local_steps, should_abort)
+    def _train_locally(self, trainer, should_abort: Callable[[], bool], dp_sgd=None) -> TrainResult:
+        return trainer.train(self.local_epochs, self.local_steps, should_abort, dp_sgd=dp_sgd)

@@ -53,6 +53,12 @@ class SegmentationExecutor(SiteTrainingExecutor):
         local_model: what ``submit_model`` returns, ``"last_round"`` or ``"site_only"`` (see
             :class:`~medflare.executors.site_training_executor.SiteTrainingExecutor`).
         train_task_name, validate_task_name, submit_model_task_name: task names to answer.
+        dp_sgd: null or patient-level DP-SGD settings (see
+            :class:`~medflare.executors.site_training_executor.SiteTrainingExecutor`); the
+            network must be DP-compatible (``medflare.training.seeded_networks.SeededDPSegResNet``).
+            Under DP-SGD an epoch is ``ceil(1 / q)`` steps of Poisson-sampled patients.
+        crops_per_patient: random crops of each patient per step (a patient's crops are summed
+            before clipping under DP-SGD).
     """
 
     key_metric = "dice_mean"
@@ -76,6 +82,8 @@ class SegmentationExecutor(SiteTrainingExecutor):
         train_task_name: str = AppConstants.TASK_TRAIN,
         validate_task_name: str = AppConstants.TASK_VALIDATION,
         submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
+        dp_sgd: Optional[dict] = None,
+        crops_per_patient: int = 1,
     ):
         super().__init__(
             copy.deepcopy(DEFAULT_SEGRESNET) if model is None else model,
@@ -86,6 +94,7 @@ class SegmentationExecutor(SiteTrainingExecutor):
             train_task_name=train_task_name,
             validate_task_name=validate_task_name,
             submit_model_task_name=submit_model_task_name,
+            dp_sgd=dp_sgd,
         )
         check_positive_int("local_epochs", local_epochs)
         check_positive_int("max_steps_per_round", max_steps_per_round, allow_none=True)
@@ -114,6 +123,8 @@ class SegmentationExecutor(SiteTrainingExecutor):
         self.pixdim = None if pixdim is None else list(pixdim)
         self.amp = amp
         self.cache_rate = cache_rate
+        check_positive_int("crops_per_patient", crops_per_patient)
+        self.crops_per_patient = crops_per_patient
 
     def _build_trainer(self, config, network):
         from medflare.data.brats_layout import load_datalist
@@ -133,7 +144,9 @@ class SegmentationExecutor(SiteTrainingExecutor):
             cache_rate=self.cache_rate,
             pixdim=self.pixdim,
             seed=self.seed,
+            dp_sgd=self._dp_settings,
+            crops_per_patient=self.crops_per_patient,
         )
 
-    def _train_locally(self, trainer, should_abort: Callable[[], bool]) -> TrainResult:
-        return trainer.train(self.local_epochs, self.max_steps_per_round, should_abort)
+    def _train_locally(self, trainer, should_abort: Callable[[], bool], dp_sgd=None) -> TrainResult:
+        return trainer.train(self.local_epochs, self.max_steps_per_round, should_abort, dp_sgd=dp_sgd)

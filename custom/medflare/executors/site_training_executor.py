@@ -10,12 +10,25 @@ training); this class answers the tasks:
   (:mod:`medflare.wire_contract`; the site's filters decide which of them leave);
 - ``validate``: score the model in the task and return a ``METRICS`` DXO; the local model is
   left as it was (cross-site evaluation scores other sites' models here);
+- DP-SGD: with ``dp_sgd`` settings, or when the site's own task-data filter puts its requirement
+  in the train task's header ``wire_contract.DP_SGD_REQUIRED`` (``{"noise_multiplier": z_min,
+  "max_grad_norm": C_max}``), local training is patient-level DP-SGD with at least what the site
+  requires: :math:`z = \\max(z_{job}, z_{site})`, :math:`C = \\min(C_{job}, C_{site})` (no job
+  settings: the site's values and the job's batch size as the expected patients per step). A
+  malformed requirement refuses the task (nothing sent). The result's meta carries the record
+  under ``wire_contract.DP_SGD``;
 - ``submit_model``: return this site's local model, for NVFlare's cross-site evaluation:
   by default (``local_model="last_round"``) the weights of its latest local training, i.e. the
   global model plus one round of local steps; with ``local_model="site_only"`` a model the
   site trains alongside, from the same initial weights and with the same steps each round, on
   its own data alone and never sent during training. That is EXAM's single-site model (Dayan
   et al. 2021), what the federated model is compared against (:mod:`medflare.reporting.cross_site_report`).
+  Under DP-SGD the site-only model is trained with the same DP-SGD as the round's update, and
+  the ``WEIGHTS`` DXO that ``submit_model`` returns carries under ``wire_contract.DP_SGD`` one
+  record of all its rounds (steps summed; when rounds differ, the smallest noise multiplier and
+  the largest sample rate, an upper bound on its epsilon: see
+  :func:`medflare.privacy.dp_sgd.combined_record`). The ``last_round`` model carries no record:
+  it is the global model plus the update already released under DP-SGD.
 
 It fails closed: where the data is comes from the site (:mod:`medflare.data.site_data_config`),
 never the job, and when the data cannot be found or read, every task fails with an error naming
@@ -45,9 +58,18 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
+from medflare.privacy.dp_sgd import (
+    DPSGDSettings,
+    combined_record,
+    effective_settings,
+    parse_dp_sgd_requirement,
+    parse_dp_sgd_settings,
+)
 from medflare.training.model_weights import TrainResult, WeightMismatchError
 from medflare.wire_contract import (
     CURRENT_ROUND,
+    DP_SGD,
+    DP_SGD_REQUIRED,
     INITIAL_METRICS,
     NUM_STEPS,
     NUM_TRAIN_CASES,
@@ -86,6 +108,11 @@ class SiteTrainingExecutor(Executor):
         validate_global_model: score the received global model before training each round.
         local_model: what ``submit_model`` returns: ``"last_round"`` or ``"site_only"`` (see
             the module docstring; doubles the local training time).
+        dp_sgd: null, or ``{"noise_multiplier": z > 0, "max_grad_norm": C > 0,
+            "expected_patients_per_step": m >= 1[, "secure_noise": true]}`` for patient-level
+            DP-SGD (:class:`~medflare.privacy.dp_sgd.DPSGDSettings`; ``secure_noise`` false is
+            reproducible and insecure, for tests only). The network is checked when the job is
+            built.
         train_task_name, validate_task_name, submit_model_task_name: task names to answer.
     """
 
@@ -102,6 +129,7 @@ class SiteTrainingExecutor(Executor):
         train_task_name: str = AppConstants.TASK_TRAIN,
         validate_task_name: str = AppConstants.TASK_VALIDATION,
         submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
+        dp_sgd: Optional[dict] = None,
     ):
         super().__init__()
         if not isinstance(model, torch.nn.Module) and not (isinstance(model, dict) and isinstance(model.get("path"), str)):
@@ -129,8 +157,16 @@ class SiteTrainingExecutor(Executor):
         self.train_task_name = train_task_name
         self.validate_task_name = validate_task_name
         self.submit_model_task_name = submit_model_task_name
+        self.dp_sgd = dp_sgd
+        self._dp_settings = parse_dp_sgd_settings(dp_sgd, "dp_sgd")
+        if self._dp_settings is not None:
+            from medflare.training.dp_networks import check_dp_compatible
+
+            check_dp_compatible(self._build_network())  # refused when the job is built, not in round 1
 
         self._trainer = None
+        self._site_only_dp_records: list = []
+        self._site_only_unprivate = False
         self._site_only_trainer = None  # local_model="site_only": trained on this site's data alone
         self._site_only_started = False
         self._setup_error: Optional[str] = None
@@ -142,9 +178,15 @@ class SiteTrainingExecutor(Executor):
         """The trainer for the site's data (``config``: a ``SiteDataConfig``) and ``network``."""
         raise NotImplementedError
 
-    def _train_locally(self, trainer, should_abort: Callable[[], bool]) -> TrainResult:
-        """One round of local training with ``trainer``."""
+    def _train_locally(
+        self, trainer, should_abort: Callable[[], bool], dp_sgd: Optional[DPSGDSettings] = None
+    ) -> TrainResult:
+        """One round of local training with ``trainer``, under DP-SGD when ``dp_sgd`` is given."""
         raise NotImplementedError
+
+    def _expected_patients_per_step(self) -> int:
+        """Patients per DP-SGD step when only the site asks for DP-SGD: the job's batch size."""
+        return int(getattr(self, "batch_size", 1))
 
     def _build_site_only_trainer(self, config):
         """The trainer of the site-only model; a subclass whose trainer can share its loaded
@@ -181,6 +223,8 @@ class SiteTrainingExecutor(Executor):
             if self.local_model == "site_only":
                 self._site_only_trainer = self._build_site_only_trainer(config)
                 self._site_only_started = False
+                self._site_only_dp_records = []
+                self._site_only_unprivate = False
             self._setup_error = None
             self.log_info(
                 fl_ctx,
@@ -236,6 +280,12 @@ class SiteTrainingExecutor(Executor):
             return make_reply(ReturnCode.BAD_TASK_DATA)
         current_round = shareable.get_header(CURRENT_ROUND)
         try:
+            required = parse_dp_sgd_requirement(shareable.get_header(DP_SGD_REQUIRED), f"header {DP_SGD_REQUIRED}")
+        except (TypeError, ValueError) as e:
+            self.log_error(fl_ctx, f"round {current_round}: the site's DP-SGD requirement is malformed, task refused, nothing sent: {e}")
+            return make_reply(ReturnCode.BAD_TASK_DATA)
+        dp_sgd = effective_settings(self._dp_settings, required, self._expected_patients_per_step())
+        try:
             self._trainer.set_weights(weights)
         except WeightMismatchError as e:
             self.log_error(fl_ctx, f"global model does not fit the local network: {e}")
@@ -255,7 +305,7 @@ class SiteTrainingExecutor(Executor):
                 return make_reply(ReturnCode.TASK_ABORTED)
             meta[INITIAL_METRICS] = metrics
 
-        result = self._train_locally(self._trainer, should_abort)
+        result = self._train_locally(self._trainer, should_abort, dp_sgd)
         if result.aborted:
             self.log_info(fl_ctx, f"round {current_round}: training aborted after {result.steps} steps")
             return make_reply(ReturnCode.TASK_ABORTED)
@@ -265,11 +315,13 @@ class SiteTrainingExecutor(Executor):
         local_weights = self._trainer.get_weights()
         diff = self._trainer.weight_diff(local_weights, global_weights)
         bad = _non_finite_keys(diff)
-        if bad or not math.isfinite(result.mean_loss):
+        # under DP-SGD a round may sample no patient at all: its loss is NaN, its update pure noise
+        loss_ok = math.isfinite(result.mean_loss) or (dp_sgd is not None and math.isnan(result.mean_loss))
+        if bad or not loss_ok:
             self.log_error(fl_ctx, f"training diverged (loss {result.mean_loss}, non-finite {bad[:3]}); nothing sent")
             return make_reply(ReturnCode.EXECUTION_RESULT_ERROR)
         self._local_weights = local_weights
-        if self._site_only_trainer is not None and not self._train_site_only(global_weights, should_abort, fl_ctx):
+        if self._site_only_trainer is not None and not self._train_site_only(global_weights, should_abort, fl_ctx, dp_sgd):
             return make_reply(ReturnCode.TASK_ABORTED)
 
         meta.update(
@@ -281,10 +333,13 @@ class SiteTrainingExecutor(Executor):
                 NUM_TRAIN_CASES: int(self._trainer.num_train_cases),
             }
         )
+        if dp_sgd is not None:
+            meta[DP_SGD] = dict(result.dp_sgd)
         initial = meta.get(INITIAL_METRICS, {})
         self.log_info(
             fl_ctx,
-            f"round {current_round}: {result.steps} steps, loss {result.mean_loss:.4f} in {result.seconds:.1f}s; "
+            f"round {current_round}: {result.steps} {'DP-SGD ' if dp_sgd else ''}steps, loss {result.mean_loss:.4f} "
+            f"in {result.seconds:.1f}s; "
             f"global model {self.key_metric} {initial.get(self.key_metric, float('nan')):.4f}",
         )
         result = DXO(data_kind=DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
@@ -311,16 +366,23 @@ class SiteTrainingExecutor(Executor):
         self.log_info(fl_ctx, f"model of {owner}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return DXO(data_kind=DataKind.METRICS, data=metrics).to_shareable()
 
-    def _train_site_only(self, global_weights: dict, should_abort: Callable[[], bool], fl_ctx: FLContext) -> bool:
+    def _train_site_only(
+        self, global_weights: dict, should_abort: Callable[[], bool], fl_ctx: FLContext, dp_sgd: Optional[DPSGDSettings]
+    ) -> bool:
         """One round of the site-only model: it starts from the first global model received and
-        is never sent during training. False when aborted."""
+        is never sent during training; under DP-SGD its round's record is kept for submit_model.
+        False when aborted."""
         trainer = self._site_only_trainer
         if not self._site_only_started:
             trainer.set_weights(global_weights)
             self._site_only_started = True
-        result = self._train_locally(trainer, should_abort)
+        result = self._train_locally(trainer, should_abort, dp_sgd)
         if result.aborted:
             return False
+        if dp_sgd is None:
+            self._site_only_unprivate = True
+        else:
+            self._site_only_dp_records.append(result.dp_sgd)
         self.log_info(fl_ctx, f"site-only model: {result.steps} steps, loss {result.mean_loss:.4f} in {result.seconds:.1f}s")
         return True
 
@@ -334,7 +396,13 @@ class SiteTrainingExecutor(Executor):
             if bad:
                 self.log_error(fl_ctx, f"the site-only model diverged (non-finite {bad[:3]}); nothing sent")
                 return make_reply(ReturnCode.EXECUTION_RESULT_ERROR)
-            return DXO(data_kind=DataKind.WEIGHTS, data=weights).to_shareable()
+            meta = {}
+            record = combined_record(self._site_only_dp_records)
+            if record is not None and not self._site_only_unprivate:
+                meta[DP_SGD] = record
+            elif record is not None:
+                self.log_warning(fl_ctx, "the site-only model had rounds without DP-SGD: it is submitted without a DP-SGD record")
+            return DXO(data_kind=DataKind.WEIGHTS, data=weights, meta=meta).to_shareable()
         if self._local_weights is None:
             self.log_error(fl_ctx, "no local model to submit: this site has not trained in this run")
             return make_reply(ReturnCode.EXECUTION_RESULT_ERROR)

@@ -33,8 +33,9 @@ def _load_chain(pixdim: Optional[Sequence[float]]) -> list:
     return chain
 
 
-def train_transforms(roi_size: Sequence[int], pixdim: Optional[Sequence[float]] = None):
-    """Loading, normalisation (cacheable), then random crop, flips and intensity jitter."""
+def train_transforms(roi_size: Sequence[int], pixdim: Optional[Sequence[float]] = None, num_samples: int = 1):
+    """Loading, normalisation (cacheable), then ``num_samples`` random crops of each subject, flips
+    and intensity jitter (a subject's item is a list of ``num_samples`` crops)."""
     from monai import transforms as T
 
     return T.Compose(
@@ -43,7 +44,7 @@ def train_transforms(roi_size: Sequence[int], pixdim: Optional[Sequence[float]] 
             T.SpatialPadd(keys=["image", "label"], spatial_size=tuple(roi_size)),
             # half the crops centred on tumour, half anywhere in the head: small tumours are still seen
             T.RandCropByPosNegLabeld(
-                keys=["image", "label"], label_key="label", spatial_size=tuple(roi_size), pos=1, neg=1, num_samples=1
+                keys=["image", "label"], label_key="label", spatial_size=tuple(roi_size), pos=1, neg=1, num_samples=num_samples
             ),
             T.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
             T.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),

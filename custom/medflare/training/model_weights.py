@@ -8,7 +8,7 @@ that leaves is ``after - before`` per entry.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
@@ -29,12 +29,15 @@ class TrainResult:
         mean_loss: mean training loss over those steps (NaN when no step was taken).
         seconds: wall time spent.
         aborted: True when ``should_abort`` stopped training early.
+        dp_sgd: under DP-SGD, the record of the round (``medflare.privacy.dp_sgd.dp_sgd_record``:
+            the fields the executor writes of ``wire_contract.DP_SGD_RECORD``); None otherwise.
     """
 
     steps: int
     mean_loss: float
     seconds: float
     aborted: bool
+    dp_sgd: Optional[dict] = None
 
 
 def get_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:

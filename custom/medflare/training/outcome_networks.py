@@ -25,7 +25,10 @@ from torch import nn
 
 from medflare.training.model_spec import build_model
 
-__all__ = ["OutcomeNet", "IMAGE_NETWORK_PREFIXES"]
+__all__ = ["OutcomeNet", "IMAGE_NETWORK_PREFIXES", "NORMS"]
+
+#: normalisation of the image network: as built, or GroupNorm for DP-SGD
+NORMS = ("batch", "group")
 
 #: where an image network may come from
 IMAGE_NETWORK_PREFIXES = ("monai.networks.nets.", "medflare.")
@@ -47,6 +50,11 @@ class OutcomeNet(nn.Module):
         dropout: dropout before the head, in [0, 1).
         seed: when an int, the weights are initialised from it, so the server and every site
             build the same initial model.
+        norm: ``"batch"`` keeps the image network as built; ``"group"`` makes it trainable by
+            DP-SGD (:func:`~medflare.training.dp_networks.make_dp_compatible`: every BatchNorm
+            replaced by GroupNorm with ``gcd(32, channels)`` groups, activations and residual
+            additions out of place). The state dict differs (no running statistics), so the
+            server's persistor must name the same ``norm``.
 
     Raises:
         ValueError: for an empty model (no image and no table) or out-of-range arguments.
@@ -61,8 +69,11 @@ class OutcomeNet(nn.Module):
         clinical_hidden: Sequence[int] = (32,),
         dropout: float = 0.0,
         seed: Optional[int] = None,
+        norm: str = "batch",
     ):
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
         for name, value, low in (("num_outputs", num_outputs, 1), ("clinical_features", clinical_features, 0), ("image_features", image_features, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -96,6 +107,10 @@ class OutcomeNet(nn.Module):
                 key = "num_classes" if "num_classes" in spec["args"] else "out_channels"
                 spec["args"].setdefault(key, image_features)
                 self.image_net = build_model(spec)
+                if norm == "group":
+                    from medflare.training.dp_networks import make_dp_compatible
+
+                    self.image_net = make_dp_compatible(self.image_net)
                 width += spec["args"][key]
             self.clinical_net = None
             if clinical_features:
@@ -110,6 +125,7 @@ class OutcomeNet(nn.Module):
             self.head = nn.Linear(width, num_outputs)
         self.num_outputs = num_outputs
         self.clinical_features = clinical_features
+        self.norm = norm
 
     @property
     def uses_image(self) -> bool:

@@ -14,6 +14,11 @@ finite value (macro average), and ``auc_<label>`` / ``accuracy_<label>`` are rep
 
 Local training takes either whole passes over the data (``epochs``) or a fixed number of
 optimizer steps cycling through it (``steps``, FLamby's "num_updates" per round).
+
+With ``dp_sgd`` settings a round is patient-level DP-SGD (:mod:`medflare.privacy.dp_sgd`): each
+step Poisson-samples the training cases (one case is one patient: a table with several rows per
+patient would void the guarantee), clips each case's gradient, adds Gaussian noise and lets the
+optimizer apply it; an epoch is :math:`\\lceil 1/q \\rceil` steps and ``steps`` counts steps as before.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import numpy as np
 import torch
 
 from medflare.data.outcome_table import OutcomeCase, read_xray
+from medflare.privacy.dp_sgd import DPSGDSettings, dp_sgd_record, parse_dp_sgd_settings, steps_per_epoch
 from medflare.training.device import select_device
+from medflare.training.dp_sgd_step import DPSGDRandomness, DPSGDStep
 from medflare.training.model_weights import TrainResult, get_weights, set_weights, weight_diff
 
 __all__ = ["OutcomeTrainer", "NORMALISATIONS", "OPTIMIZERS", "check_training_arguments", "classification_metrics"]
@@ -104,7 +111,14 @@ class OutcomeTrainer:
             (standardised with this site's training mean and standard deviation; a constant
             column is only centred).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        seed: seed of the shuffling.
+        seed: seed of the shuffling (and of DP-SGD's sampling and noise when not secure).
+        dp_sgd: :class:`~medflare.privacy.dp_sgd.DPSGDSettings` (or its JSON mapping) to train
+            with patient-level DP-SGD by default; ``train(dp_sgd=...)`` may give other settings.
+
+    Raises:
+        ValueError: an argument out of range.
+        DPIncompatibleNetworkError: ``dp_sgd`` is given and the network cannot be trained with
+            it (BatchNorm: use ``OutcomeNet(norm="group")``), naming the layer and the fix.
     """
 
     def __init__(
@@ -120,8 +134,14 @@ class OutcomeTrainer:
         clinical_normalisation: str = "none",
         device: str = "auto",
         seed: int = 0,
+        dp_sgd: Optional[DPSGDSettings] = None,
     ):
         check_training_arguments(image_size, batch_size, learning_rate, optimizer, clinical_normalisation)
+        dp_sgd = parse_dp_sgd_settings(dp_sgd)
+        if dp_sgd is not None:
+            from medflare.training.dp_networks import check_dp_compatible
+
+            check_dp_compatible(model)  # before any image is read
         if not train_cases or not test_cases:
             raise ValueError("train_cases and test_cases must both be non-empty")
         self.label_names = list(label_names)
@@ -164,6 +184,8 @@ class OutcomeTrainer:
         self.num_test_cases = len(test_cases)
         self._generator = torch.Generator().manual_seed(seed)
         self._order: list[int] = []
+        self.dp_sgd = dp_sgd
+        self._dp_randomness = DPSGDRandomness(seed, self.device)
 
     def sibling(self, model: torch.nn.Module) -> "OutcomeTrainer":
         """A trainer for another ``model`` of the same inputs and outputs on the same cases, which
@@ -177,6 +199,7 @@ class OutcomeTrainer:
         twin.optimizer = self._optimizer_class(twin.model.parameters(), lr=self._learning_rate)
         twin._generator = torch.Generator().manual_seed(self.seed)
         twin._order = []
+        twin._dp_randomness = DPSGDRandomness(self.seed, self.device)
         return twin
 
     def _tensors(self, cases: Sequence[OutcomeCase]) -> dict[str, Optional[torch.Tensor]]:
@@ -228,18 +251,26 @@ class OutcomeTrainer:
         return torch.tensor(batch)
 
     def train(
-        self, epochs: int = 1, steps: Optional[int] = None, should_abort: Callable[[], bool] = lambda: False
+        self,
+        epochs: int = 1,
+        steps: Optional[int] = None,
+        should_abort: Callable[[], bool] = lambda: False,
+        dp_sgd: Optional[DPSGDSettings] = None,
     ) -> TrainResult:
         """``epochs`` shuffled passes over the training cases, or exactly ``steps`` steps when given.
 
         A step takes the next ``batch_size`` cases of the current shuffled pass (the last batch
         of a pass may be smaller); ``steps`` runs across passes. ``should_abort`` is asked
-        before every step.
+        before every step. With ``dp_sgd`` (default: the constructor's) each step is a DP-SGD
+        step of Poisson-sampled cases and the result carries the DP-SGD record.
         """
         _positive_int("epochs", epochs)
         if steps is not None:
             _positive_int("steps", steps)
-        else:
+        dp_sgd = parse_dp_sgd_settings(dp_sgd) if dp_sgd is not None else self.dp_sgd
+        if dp_sgd is not None:
+            return self._train_dp_sgd(dp_sgd, epochs, steps, should_abort)
+        if steps is None:
             self._order = []  # whole passes start fresh
             steps = epochs * math.ceil(self.num_train_cases / self.batch_size)
         start = time.perf_counter()
@@ -255,6 +286,35 @@ class OutcomeTrainer:
             self.optimizer.step()
             total += float(loss.detach())
         return TrainResult(steps, total / steps, time.perf_counter() - start, False)
+
+    def _train_dp_sgd(
+        self, settings: DPSGDSettings, epochs: int, steps: Optional[int], should_abort: Callable[[], bool]
+    ) -> TrainResult:
+        step = DPSGDStep(self.model, self.loss_fn, settings, self.num_train_cases, self._dp_randomness)
+        planned = steps if steps is not None else epochs * steps_per_epoch(step.sample_rate)
+        start = time.perf_counter()
+        self.model.train()
+        total, seen = 0.0, 0
+
+        def result(aborted: bool) -> TrainResult:
+            record = dp_sgd_record(settings, step.sample_rate, step.steps) if step.steps else None
+            return TrainResult(step.steps, total / seen if seen else math.nan, time.perf_counter() - start, aborted, record)
+
+        for _ in range(planned):
+            if should_abort():
+                return result(True)
+            patients = step.sample_patients()
+            if len(patients):
+                inputs, labels = self._batch(self.train_data, patients)
+                owner = torch.arange(len(patients), device=self.device)
+            else:
+                inputs, labels, owner = None, None, None
+            self.optimizer.zero_grad(set_to_none=True)
+            losses = step.apply(inputs, labels, owner, len(patients))
+            self.optimizer.step()
+            total += float(losses.sum())
+            seen += losses.numel()
+        return result(False)
 
     # scoring -------------------------------------------------------------------------------
 

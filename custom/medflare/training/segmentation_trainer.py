@@ -4,6 +4,12 @@
 random crops with MONAI's ``DiceLoss`` on the TC / WT / ET channels, and score whole volumes by
 sliding-window inference with ``DiceMetric``. It knows nothing of federated learning, so it can
 be tested, profiled and used centrally on its own; the executor adapts it to NVFlare.
+
+With ``dp_sgd`` settings a round is patient-level DP-SGD (:mod:`medflare.privacy.dp_sgd`): each
+step Poisson-samples patients, draws ``crops_per_patient`` random crops of each, sums each
+patient's per-crop gradients, clips the patient's total, adds Gaussian noise and lets Adam apply
+the result. The per-crop loss is the Dice loss of that crop alone; mixed precision is not used
+under DP-SGD.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 from medflare.data.brats_volume_checks import check_brats_subjects
 from medflare.training.brats_transforms import REGIONS, train_transforms, val_transforms
 from medflare.training.device import select_device, use_amp
+from medflare.privacy.dp_sgd import DPSGDSettings, dp_sgd_record, parse_dp_sgd_settings, steps_per_epoch
 from medflare.training.model_weights import TrainResult, WeightMismatchError, get_weights, set_weights, weight_diff
 
 __all__ = ["SegmentationTrainer", "TrainResult", "WeightMismatchError"]
@@ -38,6 +45,11 @@ def _unreadable_file_error(files: Sequence[Mapping]) -> Optional[ValueError]:
                 cause = e.__cause__ or e
                 return DataListError(f"cannot read {path}: {type(cause).__name__}: {cause}")
     return None
+
+
+def _plain(tensor) -> torch.Tensor:
+    """A MONAI MetaTensor as a plain tensor (torch.func transforms want no subclass)."""
+    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else torch.as_tensor(tensor)
 
 
 def _positive_int(name: str, value) -> int:
@@ -64,9 +76,15 @@ class SegmentationTrainer:
         pixdim: resample to this voxel size (mm) when given; None keeps the data's grid.
         seed: seed of crops and augmentation.
         sw_batch_size: windows per forward pass during validation.
+        crops_per_patient: random crops drawn from each subject per step (without DP-SGD a step
+            has ``batch_size`` subjects, so ``batch_size * crops_per_patient`` crops).
+        dp_sgd: :class:`~medflare.privacy.dp_sgd.DPSGDSettings` (or its JSON mapping) to train
+            with patient-level DP-SGD by default; ``train(dp_sgd=...)`` may give other settings.
 
     Raises:
         ValueError: an argument out of range.
+        DPIncompatibleNetworkError: ``dp_sgd`` is given and the network cannot be trained
+            with it (BatchNorm, in-place operations), naming the layer and the fix.
         DataListError: a subject's volume is unreadable or fails a check, naming the file.
     """
 
@@ -85,6 +103,8 @@ class SegmentationTrainer:
         pixdim: Optional[Sequence[float]] = None,
         seed: int = 0,
         sw_batch_size: int = 2,
+        crops_per_patient: int = 1,
+        dp_sgd: Optional[DPSGDSettings] = None,
     ):
         from monai.data import CacheDataset, DataLoader
         from monai.utils import set_determinism
@@ -95,6 +115,8 @@ class SegmentationTrainer:
                 raise ValueError(f"{name} must be three ints >= 8, got {roi!r}")
         _positive_int("batch_size", batch_size)
         _positive_int("sw_batch_size", sw_batch_size)
+        _positive_int("crops_per_patient", crops_per_patient)
+        dp_sgd = parse_dp_sgd_settings(dp_sgd)
         if not (isinstance(learning_rate, (int, float)) and 0 < learning_rate <= 1):
             raise ValueError(f"learning_rate must be in (0, 1], got {learning_rate!r}")
         if not (isinstance(cache_rate, (int, float)) and 0 <= cache_rate <= 1):
@@ -107,6 +129,12 @@ class SegmentationTrainer:
         self.roi_size = tuple(roi_size)
         self.val_roi_size = tuple(val_roi_size)
         self.sw_batch_size = sw_batch_size
+        self.crops_per_patient = crops_per_patient
+        self.dp_sgd = dp_sgd
+        if dp_sgd is not None:
+            from medflare.training.dp_networks import check_dp_compatible
+
+            check_dp_compatible(model)  # before any data is read
         self.device = select_device(device)
         self.amp = use_amp(self.device, amp)
         set_determinism(seed=seed)
@@ -118,7 +146,7 @@ class SegmentationTrainer:
 
         self.loss_fn = DiceLoss(smooth_nr=0.0, smooth_dr=1e-5, squared_pred=True, sigmoid=True, batch=True)
         try:
-            train_ds = CacheDataset(list(train_files), train_transforms(roi_size, pixdim), cache_rate=cache_rate, progress=False)
+            train_ds = CacheDataset(list(train_files), train_transforms(roi_size, pixdim, crops_per_patient), cache_rate=cache_rate, progress=False)
             val_ds = CacheDataset(list(val_files), val_transforms(pixdim), cache_rate=cache_rate, progress=False)
         except Exception as e:
             # MONAI's message names the transform, not the file: find the file that does not load
@@ -128,6 +156,10 @@ class SegmentationTrainer:
         self.val_loader = DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=0)
         self.num_train_cases = len(train_ds)
         self.num_val_cases = len(val_ds)
+        self._train_ds = train_ds
+        from medflare.training.dp_sgd_step import DPSGDRandomness
+
+        self._dp_randomness = DPSGDRandomness(seed, self.device)
 
     # weights -------------------------------------------------------------------------------
 
@@ -144,16 +176,24 @@ class SegmentationTrainer:
     # training ------------------------------------------------------------------------------
 
     def train(
-        self, epochs: int = 1, max_steps: Optional[int] = None, should_abort: Callable[[], bool] = lambda: False
+        self,
+        epochs: int = 1,
+        max_steps: Optional[int] = None,
+        should_abort: Callable[[], bool] = lambda: False,
+        dp_sgd: Optional[DPSGDSettings] = None,
     ) -> TrainResult:
         """Train for ``epochs`` passes over the training data, or ``max_steps`` steps if fewer.
 
         ``should_abort`` is asked before every batch; when it answers True training stops and
-        the result says so.
+        the result says so. With ``dp_sgd`` (default: the constructor's) an epoch is
+        :math:`\\lceil 1/q \\rceil` DP-SGD steps and the result carries the DP-SGD record.
         """
         _positive_int("epochs", epochs)
         if max_steps is not None:
             _positive_int("max_steps", max_steps)
+        dp_sgd = parse_dp_sgd_settings(dp_sgd) if dp_sgd is not None else self.dp_sgd
+        if dp_sgd is not None:
+            return self._train_dp_sgd(dp_sgd, epochs, max_steps, should_abort)
         start = time.perf_counter()
         self.model.train()
         steps, total = 0, 0.0
@@ -174,6 +214,50 @@ class SegmentationTrainer:
                 steps += 1
                 total += float(loss.detach())
         return TrainResult(steps, total / steps if steps else math.nan, time.perf_counter() - start, False)
+
+    def _crops_of(self, patients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images, labels, patient of each crop) of ``crops_per_patient`` fresh crops per patient."""
+        images, labels, owner = [], [], []
+        for position, index in enumerate(patients.tolist()):
+            crops = self._train_ds[index]
+            for crop in crops if isinstance(crops, list) else [crops]:
+                images.append(_plain(crop["image"]))
+                labels.append(_plain(crop["label"]))
+                owner.append(position)
+        return (
+            torch.stack(images).to(self.device),
+            torch.stack(labels).to(self.device),
+            torch.tensor(owner, dtype=torch.int64, device=self.device),
+        )
+
+    def _train_dp_sgd(
+        self, settings: DPSGDSettings, epochs: int, max_steps: Optional[int], should_abort: Callable[[], bool]
+    ) -> TrainResult:
+        from medflare.training.dp_sgd_step import DPSGDStep
+
+        step = DPSGDStep(self.model, self.loss_fn, settings, self.num_train_cases, self._dp_randomness)
+        planned = epochs * steps_per_epoch(step.sample_rate)
+        planned = planned if max_steps is None else min(planned, max_steps)
+        start = time.perf_counter()
+        self.model.train()
+        total, crops = 0.0, 0
+
+        def result(aborted: bool) -> TrainResult:
+            record = dp_sgd_record(settings, step.sample_rate, step.steps) if step.steps else None
+            mean = total / crops if crops else math.nan
+            return TrainResult(step.steps, mean, time.perf_counter() - start, aborted, record)
+
+        for _ in range(planned):
+            if should_abort():
+                return result(True)
+            patients = step.sample_patients()
+            batch = self._crops_of(patients) if len(patients) else (None, None, None)
+            self.optimizer.zero_grad(set_to_none=True)
+            losses = step.apply(*batch, num_patients=len(patients))
+            self.optimizer.step()
+            total += float(losses.sum())
+            crops += losses.numel()
+        return result(False)
 
     # validation ----------------------------------------------------------------------------
 
