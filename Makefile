@@ -2,7 +2,7 @@
 VENV := .venv
 STAMP := $(VENV)/.medflare-installed
 
-.PHONY: setup demo test test-unit bench bench-heart clean
+.PHONY: setup demo test test-unit bench bench-heart bench-dpsgd clean
 
 $(STAMP): setup.cfg pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -25,6 +25,9 @@ bench: $(STAMP)
 
 bench-heart: $(STAMP)
 	$(VENV)/bin/python benchmarks/heart_disease.py
+
+bench-dpsgd: $(STAMP)
+	$(VENV)/bin/python benchmarks/dp_sgd_step_cost.py
 
 clean:
 	rm -rf workspace .pytest_cache
