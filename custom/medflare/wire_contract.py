@@ -281,7 +281,7 @@ _GAUSSIAN_RECORD = _record(
     secure_noise=_boolean,
 )
 
-#: the DP-SGD record: the executor writes the first six fields, the site's filter the rest
+#: the DP-SGD record: the executor writes the first seven fields, the site's filter the rest
 DP_SGD_RECORD = _record(
     mechanism=_one_of("dp_sgd"),
     neighbouring_relation=_one_of("add/remove one patient"),
@@ -289,6 +289,7 @@ DP_SGD_RECORD = _record(
     max_grad_norm=_real(0.0),
     sample_rate=_real(0.0),
     steps=_integer(1),
+    secure_noise=_optional(_boolean),
     delta=_optional(_real(0.0)),
     accountant=_optional(_one_of("rdp", "prv")),
     epsilon_round=_optional(_real(0.0)),

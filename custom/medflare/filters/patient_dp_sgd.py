@@ -74,6 +74,8 @@ class PatientDPSGDFilter(FailClosedDXOFilter):
         noise_multiplier: the least noise multiplier z the site accepts, in (0, inf).
         max_grad_norm: the largest per-patient clipping norm C the site accepts, in (0, inf).
         target_delta: delta in (0, 1) of the reported epsilon; at most the site budget's delta.
+        allow_seeded_noise: release results whose DP-SGD noise was seeded (reproducible, NOT
+            secure: for tests only); default false refuses them.
         max_epsilon: this filter's limit on the site's cumulative epsilon, or null; the site's
             lifetime cap is its budget file's (``local/medflare_privacy_budget.json``).
         accountant: ``"rdp"`` (default) or ``"prv"``, for the reported per-round epsilon.
@@ -92,6 +94,7 @@ class PatientDPSGDFilter(FailClosedDXOFilter):
         target_delta: float = 1e-5,
         max_epsilon: Optional[float] = None,
         accountant: str = "rdp",
+        allow_seeded_noise: bool = False,
         passthrough_data_kinds: Optional[list] = None,
         release_meta: Optional[list] = None,
     ):
@@ -102,6 +105,9 @@ class PatientDPSGDFilter(FailClosedDXOFilter):
         if max_epsilon is not None:
             check_real("max_epsilon", max_epsilon, 0.0, None, low_open=True)
         check_accountant(accountant)
+        if not isinstance(allow_seeded_noise, bool):
+            raise TypeError(f"allow_seeded_noise must be true or false, got {allow_seeded_noise!r}")
+        self.allow_seeded_noise = allow_seeded_noise
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
         self.target_delta = target_delta
@@ -139,6 +145,11 @@ class PatientDPSGDFilter(FailClosedDXOFilter):
             raise UnsafeUpdateError(
                 f"the DP-SGD record's max_grad_norm {record['max_grad_norm']:g} is above the site's "
                 f"{self.max_grad_norm:g}; nothing released"
+            )
+        if record.get("secure_noise") is not True and not self.allow_seeded_noise:
+            raise UnsafeUpdateError(
+                "the DP-SGD record does not say the noise came from a secure source (secure_noise); seeded "
+                "noise can be reproduced and subtracted; nothing released"
             )
         if not 0.0 < record["sample_rate"] <= 1.0:
             raise UnsafeUpdateError(f"the DP-SGD record's sample_rate {record['sample_rate']!r} is not in (0, 1]")

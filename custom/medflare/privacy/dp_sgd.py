@@ -290,6 +290,7 @@ def dp_sgd_record(settings: DPSGDSettings, sample_rate: float, steps: int) -> di
         "max_grad_norm": float(settings.max_grad_norm),
         "sample_rate": float(sample_rate),
         "steps": int(steps),
+        "secure_noise": bool(settings.secure_noise),
     }
 
 
@@ -311,6 +312,7 @@ def combined_record(records) -> Optional[dict]:
         "max_grad_norm": max(float(r["max_grad_norm"]) for r in records),
         "sample_rate": max(float(r["sample_rate"]) for r in records),
         "steps": sum(int(r["steps"]) for r in records),
+        "secure_noise": all(r.get("secure_noise") is True for r in records),
     }
 
 

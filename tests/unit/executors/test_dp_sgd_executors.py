@@ -93,6 +93,7 @@ def test_outcome_executor_trains_with_dp_sgd_and_the_record_fits_the_contract(ta
         "max_grad_norm": 2.0,
         "sample_rate": 2 / n,
         "steps": 5,
+        "secure_noise": False,
     }
     assert check_result_meta(dxo.meta)[DP_SGD] == record
 

@@ -96,7 +96,7 @@ def _update(dtype=np.float32):
 
 #: a DP-SGD record stronger than any shipped scope requires, so that DP-SGD scopes release the honest result
 DP_SGD_RECORD = {"mechanism": "dp_sgd", "neighbouring_relation": "add/remove one patient", "noise_multiplier": 5.0,
-                 "max_grad_norm": 0.5, "sample_rate": 0.01, "steps": 10}
+                 "max_grad_norm": 0.5, "sample_rate": 0.01, "steps": 10, "secure_noise": True}
 
 
 def _meta():

@@ -37,7 +37,7 @@ def _ctx(local, direction=FilterKey.OUT):
 
 def _record(z=1.1, c=1.0, q=0.05, steps=40):
     return {"mechanism": "dp_sgd", "neighbouring_relation": "add/remove one patient", "noise_multiplier": z,
-            "max_grad_norm": c, "sample_rate": q, "steps": steps}
+            "max_grad_norm": c, "sample_rate": q, "steps": steps, "secure_noise": True}
 
 
 def _result(record=None, data=None, kind=DataKind.WEIGHT_DIFF, round_number=0):
@@ -90,6 +90,8 @@ def test_a_result_meeting_the_requirement_is_charged_then_released(local):
         (_result(_record(steps=0)), "steps must be an int >= 1"),
         (_result(dict(_record(), epsilon_site=0.0, forged=1)), "undeclared fields"),
         (_result(dict(_record(), mechanism="gaussian")), "must be one of"),
+        (_result(dict(_record(), secure_noise=False)), "secure source"),
+        (_result({k: v for k, v in _record().items() if k != "secure_noise"}), "secure source"),
         (_result(_record(), data={"w": np.ones(2, np.float32), "bn.running_var": np.ones(2, np.float32)}), "normalisation statistics"),
         (_result(_record(), data={"w": np.array([np.nan], np.float32)}), "NaN"),
         (_result(_record(), kind=DataKind.COLLECTION), "data kind COLLECTION is not released"),
@@ -99,6 +101,11 @@ def test_results_that_do_not_meet_the_requirement_are_blocked_before_the_ledger(
     with pytest.raises(UnsafeUpdateError, match=message):
         _filter().process(result, _ctx(local))
     assert not (local / LEDGER_FILE_NAME).exists()
+
+
+def test_seeded_noise_is_released_only_where_the_site_allows_it(local):
+    out = from_shareable(_filter(allow_seeded_noise=True).process(_result(dict(_record(), secure_noise=False)), _ctx(local)))
+    assert out.get_meta_prop(DP_SGD)["secure_noise"] is False
 
 
 def test_the_site_budget_blocks_what_would_exceed_it(local):
@@ -134,6 +141,7 @@ def test_metrics_pass_and_nothing_data_dependent_leaves(local):
         ({"target_delta": 1.0}, ValueError, "target_delta must be in"),
         ({"max_epsilon": float("nan")}, ValueError, "max_epsilon must be a finite"),
         ({"accountant": "gdp"}, ValueError, "accountant must be one of"),
+        ({"allow_seeded_noise": 1}, TypeError, "allow_seeded_noise must be true or false"),
         ({"release_meta": ["loss"]}, ValueError, "data-dependent keys"),
     ],
 )

@@ -180,6 +180,7 @@ def test_record_has_exactly_the_executor_fields_of_the_wire_contract():
         "max_grad_norm": 0.9,
         "sample_rate": 0.25,
         "steps": 12,
+        "secure_noise": False,
     }
     assert DP_SGD_RECORD("record", record) == record
 

@@ -169,6 +169,7 @@ def test_segmentation_dp_round_clips_each_patients_crops_together_and_records_it
         "max_grad_norm": c,
         "sample_rate": q,
         "steps": result.steps,
+        "secure_noise": False,
     }
     for owner, patients, norms, clipped in seen:
         assert owner == sorted(owner) and len(owner) == 3 * patients  # three crops for each patient
