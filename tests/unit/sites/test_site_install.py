@@ -223,6 +223,15 @@ def test_command_line_install_show_and_refusal(tmp_path, tiny_sites, capsys):
     out = capsys.readouterr().out
     assert "profile: clinical" in out and "unchanged since install" in out and "epsilon spent 0" in out
 
+    # a release, then the ledger deleted: site show says the budget is blocked instead of failing
+    from medflare.privacy.budget_ledger import LEDGER_FILE_NAME, PrivacyBudgetLedger
+
+    PrivacyBudgetLedger.open_site(str(ws / "local")).reserve(2.4, job_id="j1")
+    (ws / "local" / LEDGER_FILE_NAME).unlink()
+    assert main(["site", "show", "--workspace", str(ws)]) == 0
+    out = capsys.readouterr().out
+    assert "privacy budget: BLOCKED" in out and "deleted or moved" in out
+
     assert main(["site", "install", "--workspace", str(ws), "--profile", "clinic", "--data", tiny_sites["site-1"]]) == 2
     assert "medflare site: error: unknown profile 'clinic'" in capsys.readouterr().err
 
