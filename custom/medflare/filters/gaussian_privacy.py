@@ -21,7 +21,6 @@ import numpy as np
 from typing import Optional
 
 from nvflare.apis.dxo import DXO, DataKind
-from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
@@ -29,7 +28,7 @@ from nvflare.app_common.app_constant import AppConstants
 from medflare.filters.fail_closed_filter import FailClosedDXOFilter
 from medflare.privacy.accounting import check_accountant, epsilon_spent, noise_multiplier_for
 from medflare.privacy.argument_checks import check_int, check_real
-from medflare.privacy.budget_ledger import LedgerError, PrivacyBudgetLedger
+from medflare.filters.site_ledger import release_cap, site_ledger
 from medflare.privacy.gaussian_mechanism import gaussian_release, l2_norm
 from medflare.privacy.noise_sources import make_noise_source
 from medflare.privacy.update_checks import (
@@ -132,14 +131,6 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
         self._releases_this_run = 0
         self._round_epsilon = None  # epsilon of one release at z: fixed, computed at the first release
 
-    @staticmethod
-    def _ledger(fl_ctx: FLContext) -> PrivacyBudgetLedger:
-        """The site's own ledger, with the site's cap, delta and accountant (never the job's)."""
-        workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
-        if workspace is None:
-            raise LedgerError("no site workspace in the FL context: the privacy ledger cannot be found")
-        return PrivacyBudgetLedger.open_site(workspace.get_site_config_dir(), fl_ctx.get_identity_name())
-
     def filter_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
         check_update(dxo.data)  # NaN, inf, empty: refused before the budget is touched
         # normalisation statistics are not learned weights: withheld, never noised into invalid values
@@ -151,7 +142,7 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
         if not math.isfinite(norm):
             raise UnsafeUpdateError("update norm overflows; nothing released")
         z = self.effective_noise_multiplier
-        ledger = self._ledger(fl_ctx)
+        ledger = site_ledger(fl_ctx)
         round_number = shareable.get_header(AppConstants.CURRENT_ROUND, fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
         _, site_epsilon = ledger.reserve(
             z,
@@ -161,7 +152,7 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
             limit=self.max_epsilon,
             delta=self.target_delta,
         )
-        cap = ledger.max_epsilon if self.max_epsilon is None else min(ledger.max_epsilon, self.max_epsilon)
+        cap = release_cap(ledger, self.max_epsilon)
         released, info = gaussian_release(learned, self.clipping_norm, z, self._noise, norm=norm)
         for key in withheld:  # a zero difference: the server's model keeps its own statistics
             released[key] = np.zeros(np.shape(dxo.data[key]), dtype=as_numpy(dxo.data[key]).dtype)

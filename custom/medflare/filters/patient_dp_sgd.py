@@ -51,7 +51,7 @@ from nvflare.app_common.app_constant import AppConstants
 from medflare.filters.fail_closed_filter import FailClosedDXOFilter
 from medflare.privacy.accounting import check_accountant, epsilon_of_history
 from medflare.privacy.argument_checks import check_real
-from medflare.privacy.budget_ledger import LedgerError, PrivacyBudgetLedger
+from medflare.filters.site_ledger import release_cap, site_ledger
 from medflare.privacy.update_checks import (
     UnsafeUpdateError,
     as_numpy,
@@ -165,10 +165,7 @@ class PatientDPSGDFilter(FailClosedDXOFilter):
             )
         record = self._checked_record(dxo)
         z, q, steps = record["noise_multiplier"], record["sample_rate"], record["steps"]
-        workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
-        if workspace is None:
-            raise LedgerError("no site workspace in the FL context: the privacy ledger cannot be found")
-        ledger = PrivacyBudgetLedger.open_site(workspace.get_site_config_dir(), fl_ctx.get_identity_name())
+        ledger = site_ledger(fl_ctx)
         round_number = shareable.get_header(AppConstants.CURRENT_ROUND, fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
         _, site_epsilon = ledger.reserve(
             z,
@@ -182,7 +179,7 @@ class PatientDPSGDFilter(FailClosedDXOFilter):
             delta=self.target_delta,
         )
         self._history.append((z, q, steps))
-        cap = ledger.max_epsilon if self.max_epsilon is None else min(ledger.max_epsilon, self.max_epsilon)
+        cap = release_cap(ledger, self.max_epsilon)
         completed = dict(
             record,
             delta=float(self.target_delta),
