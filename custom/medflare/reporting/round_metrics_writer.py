@@ -29,6 +29,7 @@ from nvflare.app_common.app_event_type import AppEventType
 
 from medflare.wire_contract import (
     AGGREGATION,
+    DP_SGD,
     FILTER_HISTORY,
     FILTERS_APPLIED,
     GAUSSIAN_DP,
@@ -41,7 +42,7 @@ from medflare.wire_contract import (
 )
 
 #: the filters' privacy records, as the wire contract names them
-PRIVACY_RECORDS = (PERCENTILE_SHARING, GAUSSIAN_DP)
+PRIVACY_RECORDS = (PERCENTILE_SHARING, GAUSSIAN_DP, DP_SGD)
 
 __all__ = ["RoundMetricsWriter", "METRICS_FILE_NAME", "weighted_mean_metrics"]
 
