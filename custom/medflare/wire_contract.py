@@ -160,7 +160,7 @@ _boolean.describe = "bool"
 def _identifier(where: str, value):
     if not isinstance(value, str) or len(value) > _MAX_NAME or not _IDENTIFIER.match(value):
         _fail(f"{where} must be a name of at most {_MAX_NAME} letters, digits and _.:-, got {value!r:.120}")
-    return value
+    return str.__str__(value)  # a plain str: a subclass could carry more than its characters
 
 
 _identifier.describe = "name"
@@ -168,9 +168,9 @@ _identifier.describe = "name"
 
 def _one_of(*choices: str) -> Callable:
     def check(where: str, value):
-        if value not in choices:
+        if not isinstance(value, str) or value not in choices:
             _fail(f"{where} must be one of {list(choices)}, got {value!r:.120}")
-        return value
+        return choices[choices.index(value)]  # the declared string itself, never the sender's object
 
     check.describe = f"one of {list(choices)}"
     return check

@@ -120,7 +120,8 @@ def _entry(key, value):
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in _ARRAY_KINDS:
             raise UnsafeUpdateError(f"update entry {key!r} has dtype {value.dtype}; only numbers are released")
-        return value
+        # a subclass (a masked array can hide NaN behind its mask) becomes the plain array of its values
+        return value if type(value) is np.ndarray else np.asarray(value.data if isinstance(value, np.ma.MaskedArray) else value)
     if not _is_tensor(value):
         raise UnsafeUpdateError(f"update entry {key!r} is {type(value).__name__}, not a numpy array or torch tensor")
     import torch

@@ -294,6 +294,10 @@ HOSTILE = {
     "non-string-key": lambda: _honest({3: np.ones(3, np.float32)}),
     "no-float-entry": lambda: _honest({"n": np.array([1, 2], np.int64)}),
     "sparse-torch-tensor": lambda: _honest({"w": torch.eye(3).to_sparse()}),
+    "nan-behind-a-mask": lambda: _honest({"w": np.ma.masked_invalid(np.array([np.nan, 1.0], np.float32))}),
+    "kind-lowercase": _with(lambda r: r["DXO"].__setitem__("kind", "weight_diff")),
+    "kind-not-a-string": _with(lambda r: r["DXO"].__setitem__("kind", 7)),
+    "meta-key-not-a-string": lambda: _honest(meta={**_meta(), 3: 1.0}),
     "data-not-a-mapping": _with(lambda r: r["DXO"].__setitem__("data", np.ones(4))),
     "meta-not-a-mapping": _with(lambda r: r["DXO"].__setitem__("meta", [np.ones(4)])),
     # kinds
@@ -349,6 +353,24 @@ def test_error_replies_are_stripped_to_their_return_code(config, case, fl_ctx):
     hostile = ERROR_REPLIES[case]()
     out = _chain(config)(hostile, fl_ctx)
     assert dict(out) == {ReservedHeaderKey.HEADERS: {ReservedHeaderKey.RC: hostile.get_return_code()}}
+
+
+class _Smuggler(str):
+    """A string that carries more than its characters."""
+
+    payload = np.ones(1000)
+
+
+def test_released_meta_holds_plain_values_never_the_senders_objects(fl_ctx):
+    from medflare.filters.percentile_sharing import PercentileSharingFilter
+
+    meta = _meta()
+    meta["filter_history"] = [_Smuggler("Earlier")]
+    meta["initial_metrics"] = {_Smuggler("dice_mean"): np.float32(0.5)}
+    out = from_shareable(PercentileSharingFilter(fraction_shared=0.5, gamma=None).process(_honest(meta=meta), fl_ctx))
+    assert type(out.meta["filter_history"][0]) is str
+    assert all(type(k) is str and type(v) in (int, float) for k, v in out.meta["initial_metrics"].items())
+    assert all(type(r["filter"]) is str and type(r["source"]) is str for r in out.meta["medflare_filters_applied"])
 
 
 def test_refusals_say_what_was_found_and_where(fl_ctx):
