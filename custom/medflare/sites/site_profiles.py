@@ -262,9 +262,27 @@ def check_privacy_policy(policy: dict, source: str, allow_list: Iterable[str]) -
                 if not is_allowed(component["path"], allow_list):
                     raise SiteProfileError(f"{where}: {component['path']} is not on the site's class allow-list")
                 _build(component, where)
+        _check_dp_sgd_told(scope, name, source)
     default = policy.get("default_scope")
     if default not in names:
         raise SiteProfileError(f"{source}: default_scope {default!r} is not one of the scopes {names}")
+
+
+DP_SGD_FILTER = "medflare.filters.patient_dp_sgd.PatientDPSGDFilter"
+
+
+def _check_dp_sgd_told(scope: dict, name: str, source: str) -> None:
+    """A scope that requires DP-SGD of its results must also tell the executor, on the way in,
+    with the same arguments: otherwise every result would be blocked for lack of a record, or
+    the executor would train to the job's settings instead of the site's."""
+    outgoing = [c for c in scope.get("task_result_filters", []) if c.get("path") == DP_SGD_FILTER]
+    incoming = [c for c in scope.get("task_data_filters", []) if c.get("path") == DP_SGD_FILTER]
+    for component in outgoing:
+        if not any(c.get("args", {}) == component.get("args", {}) for c in incoming):
+            raise SiteProfileError(
+                f"{source}: scope {name!r}: {DP_SGD_FILTER} in task_result_filters needs the same filter with the "
+                "same args in task_data_filters (it tells the executor the DP-SGD the site requires)"
+            )
 
 
 def check_resources_fragment(resources: dict, source: str) -> None:

@@ -229,3 +229,16 @@ def test_a_filter_asking_for_a_larger_delta_than_the_budget_is_refused(tmp_path)
     folder = _profile_folder(tmp_path, {"max_epsilon": 8, "delta": 1e-5, "accountant": "rdp"}, policy)
     with pytest.raises(SiteProfileError, match=r"scope 's' task_result_filters\[0\]: target_delta 0.0001 is above the site budget's delta 1e-05"):
         load_profile(str(folder))
+
+
+def test_a_dp_sgd_scope_must_tell_the_executor_on_the_way_in():
+    from medflare.sites.class_allow_list import site_class_allow_list
+    from medflare.sites.site_profiles import SiteProfileError, check_privacy_policy
+
+    spec = {"path": DP_SGD, "args": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}
+    told = {"name": "dp", "task_data_filters": [spec], "task_result_filters": [spec]}
+    check_privacy_policy({"scopes": [told], "default_scope": "dp"}, "p.json", site_class_allow_list())
+    for data_filters in ([], [{"path": DP_SGD, "args": {"noise_multiplier": 0.5, "max_grad_norm": 1.0}}]):
+        untold = dict(told, task_data_filters=data_filters)
+        with pytest.raises(SiteProfileError, match="needs the same filter with the same args in task_data_filters"):
+            check_privacy_policy({"scopes": [untold], "default_scope": "dp"}, "p.json", site_class_allow_list())
