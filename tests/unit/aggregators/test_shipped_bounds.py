@@ -27,23 +27,30 @@ from medflare.training.model_spec import build_model
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 JOBS = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(REPO, "jobs", "*", "meta.json")))
 
-#: the largest plain-update norm measured in two rounds of each job's demo (docs/aggregation.md)
+#: the largest plain-update norm measured in two rounds of each job's demo (docs/aggregation.md);
+#: for the DP-SGD jobs, the largest DP-SGD update (its noise included) over the whole demo run
 MEASURED_PLAIN_NORM = {
+    "brats_dpsgd": 12.6,
     "brats_fedavg": 30.0,
     "brats_fedyogi": 30.0,
     "brats_gaussian_dp": 30.0,
     "brats_percentile": 30.0,
+    "cxr_emr_dpsgd": 7.4,
     "cxr_emr_fedavg": 16.2,
+    "heart_disease_dpsgd": 0.18,
     "heart_disease_fedavg": 0.063,
     "heart_disease_fedyogi": 0.19,
 }
 #: (max_update_norm, max_weight) as documented in docs/aggregation.md
 DOCUMENTED = {
+    "brats_dpsgd": (2700.0, 2400),
     "brats_fedavg": (2700.0, 2400),
     "brats_fedyogi": (2700.0, 2400),
     "brats_gaussian_dp": (1900.0, 2400),
     "brats_percentile": (40.0, 2400),
+    "cxr_emr_dpsgd": (1400.0, 1800),
     "cxr_emr_fedavg": (1400.0, 1800),
+    "heart_disease_dpsgd": (25.0, 20000),
     "heart_disease_fedavg": (25.0, 20000),
     "heart_disease_fedyogi": (25.0, 20000),
 }
