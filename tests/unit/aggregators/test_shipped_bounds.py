@@ -37,7 +37,7 @@ MEASURED_PLAIN_NORM = {
     "brats_percentile": 30.0,
     "cxr_emr_dpsgd": 7.4,
     "cxr_emr_fedavg": 16.2,
-    "heart_disease_dpsgd": 0.18,
+    "heart_disease_dpsgd": 0.44,
     "heart_disease_fedavg": 0.063,
     "heart_disease_fedyogi": 0.19,
 }
