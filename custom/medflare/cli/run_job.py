@@ -243,7 +243,7 @@ def run_job(opts: RunOptions, log=_print) -> dict:
             done = proc.poll() is not None
             records = run_summary.read_round_records(metrics_path)
             for record in records[shown:]:
-                log(run_summary.format_round_line(record))
+                log(run_summary.format_round_line(record, "dice" if kind == "brats" else "outcome"))
             shown = len(records)
             if done:
                 break

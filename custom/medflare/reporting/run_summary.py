@@ -74,12 +74,14 @@ def _fmt(value, digits: int = 3) -> str:
     return "-"
 
 
-def format_round_line(record: dict) -> str:
-    """One progress line: round, each site's training loss, the global model's Dice (or AUC and accuracy)."""
+def format_round_line(record: dict, kind: Optional[str] = None) -> str:
+    """One progress line: round, each site's training loss, the global model's Dice (or AUC and
+    accuracy). ``kind`` (``"dice"`` or ``"outcome"``) names the job's metric when the record may
+    not show it: sites under a DP scope withhold the scores it is read from."""
     sites = record.get("sites", {})
     losses = " ".join(f"{s}={_fmt(v.get('train_loss'))}" for s, v in sorted(sites.items()))
     g = record.get("global_model_metrics", {})
-    if record_kind([record]) == "outcome":
+    if (kind or record_kind([record])) == "outcome":
         scores = f"global model AUC {_fmt(g.get('auc'))}, accuracy {_fmt(g.get('accuracy'))}"
     else:
         scores = (

@@ -91,3 +91,10 @@ def test_outcome_jobs_show_auc_and_accuracy():
 def test_weighted_mean_covers_auc_and_accuracy():
     out = weighted_mean_metrics({"a": {"auc": 0.6, "accuracy": 0.5, "num_cases": 1}, "b": {"auc": float("nan"), "accuracy": 0.9, "num_cases": 3}})
     assert out == pytest.approx({"auc": 0.6, "accuracy": (0.5 + 2.7) / 4})
+
+
+def test_a_round_whose_scores_were_withheld_still_names_the_jobs_metric():
+    # under a DP scope the sites send no validation scores: the line says AUC, not Dice, for an outcome job
+    record = {"round": 3, "sites": {"site-1": {"train_loss": None}}, "global_model_metrics": {}, "round_seconds": 2.0}
+    assert "global model AUC -, accuracy -" in run_summary.format_round_line(record, "outcome")
+    assert "global model Dice mean -" in run_summary.format_round_line(record)
