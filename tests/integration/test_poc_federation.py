@@ -62,9 +62,11 @@ def test_every_shipped_brats_job_completes_with_the_site_policy_applied(federati
                 assert shared["num_shared"] <= 0.11 * shared["num_total"] or own, (job, site, shared)
                 if "GaussianPrivacyFilter" in own:
                     assert seen["privacy"]["medflare_gaussian_dp"]["noise_multiplier"] > 0
+                if "PatientDPSGDFilter" in own:  # the job's DP-SGD, charged at the site after the site's own filter
+                    assert seen["privacy"]["medflare_dp_sgd"]["epsilon_site"] > 0
         app_server = os.path.join(result, "workspace", "app_server")
         # a DP filter withholds the sites' validation scores (initial_metrics): no best-model selection
-        dp = "GaussianPrivacyFilter" in own
+        dp = any(name in own for name in ("GaussianPrivacyFilter", "PatientDPSGDFilter"))
         for model in ("FL_global_model.pt",) + (() if dp else ("best_FL_global_model.pt",)):
             assert os.path.isfile(os.path.join(app_server, model)), (job, model)
         if dp:
