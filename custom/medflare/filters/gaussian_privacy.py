@@ -23,12 +23,11 @@ from typing import Optional
 from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
-from nvflare.app_common.app_constant import AppConstants
 
 from medflare.filters.fail_closed_filter import FailClosedDXOFilter
 from medflare.privacy.accounting import check_accountant, epsilon_spent, noise_multiplier_for
 from medflare.privacy.argument_checks import check_int, check_real
-from medflare.filters.site_ledger import release_cap, site_ledger
+from medflare.filters.site_ledger import release_cap, reserve_release
 from medflare.privacy.gaussian_mechanism import gaussian_release, l2_norm
 from medflare.privacy.noise_sources import make_noise_source
 from medflare.privacy.update_checks import (
@@ -142,15 +141,8 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
         if not math.isfinite(norm):
             raise UnsafeUpdateError("update norm overflows; nothing released")
         z = self.effective_noise_multiplier
-        ledger = site_ledger(fl_ctx)
-        round_number = shareable.get_header(AppConstants.CURRENT_ROUND, fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
-        _, site_epsilon = ledger.reserve(
-            z,
-            job_id=fl_ctx.get_job_id() or "",
-            round_number=round_number,
-            source=type(self).__name__,
-            limit=self.max_epsilon,
-            delta=self.target_delta,
+        ledger, site_epsilon, round_number = reserve_release(
+            fl_ctx, shareable, type(self).__name__, z, self.max_epsilon, self.target_delta
         )
         cap = release_cap(ledger, self.max_epsilon)
         released, info = gaussian_release(learned, self.clipping_norm, z, self._noise, norm=norm)

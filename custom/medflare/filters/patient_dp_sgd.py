@@ -46,12 +46,11 @@ from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.fl_constant import FilterKey, FLContextKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
-from nvflare.app_common.app_constant import AppConstants
 
 from medflare.filters.fail_closed_filter import FailClosedDXOFilter
 from medflare.privacy.accounting import check_accountant, epsilon_of_history
 from medflare.privacy.argument_checks import check_real
-from medflare.filters.site_ledger import release_cap, site_ledger
+from medflare.filters.site_ledger import release_cap, reserve_release
 from medflare.privacy.update_checks import (
     UnsafeUpdateError,
     as_numpy,
@@ -165,18 +164,9 @@ class PatientDPSGDFilter(FailClosedDXOFilter):
             )
         record = self._checked_record(dxo)
         z, q, steps = record["noise_multiplier"], record["sample_rate"], record["steps"]
-        ledger = site_ledger(fl_ctx)
-        round_number = shareable.get_header(AppConstants.CURRENT_ROUND, fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
-        _, site_epsilon = ledger.reserve(
-            z,
-            job_id=fl_ctx.get_job_id() or "",
-            round_number=round_number,
-            source=type(self).__name__,
-            sample_rate=q,
-            steps=steps,
-            mechanism="dp_sgd",
-            limit=self.max_epsilon,
-            delta=self.target_delta,
+        ledger, site_epsilon, round_number = reserve_release(
+            fl_ctx, shareable, type(self).__name__, z, self.max_epsilon, self.target_delta,
+            sample_rate=q, steps=steps, mechanism="dp_sgd",
         )
         self._history.append((z, q, steps))
         cap = release_cap(ledger, self.max_epsilon)
