@@ -32,7 +32,21 @@ def test_benchmark_quick_run(tmp_path, script, expected):
     assert out.stat().st_size > 0
     results = json.loads(out.read_text())
     if script == "heart_disease.py":
-        # centralised baselines, FedYogi and FedAvg with Gaussian DP were run (plain FedAvg is left
-        # to test_outcome_jobs_simulator.py in the quick pass)
-        assert {"pooled", "local 0", "local 3", "fedyogi", "fedavg dp eps=10"} <= set(results["methods"])
+        # centralised baselines, FedYogi, FedAvg with Gaussian DP and with DP-SGD were run (plain
+        # FedAvg is left to test_outcome_jobs_simulator.py in the quick pass)
+        assert {"pooled", "local 0", "local 3", "fedyogi", "fedavg dp eps=10", "fedavg dp-sgd eps=10"} <= set(
+            results["methods"]
+        )
         assert all(0.0 <= m["mean"] <= 1.0 for m in results["methods"].values())
+        # one z for all sites, bound by the site with the fewest patients; every site's filter
+        # recorded the planned history and spent at most the target per patient
+        dp_sgd = results["dp_sgd"]["calibrations"]["10"]
+        assert dp_sgd["binding_site"] == "site-3" and results["dp_sgd"]["problems"] == []
+        (recorded,) = dp_sgd["recorded"]
+        assert set(recorded) == set(dp_sgd["sites"])
+        for site, record in recorded.items():
+            assert record["steps"] == dp_sgd["sites"][site]["steps"] == 20
+            assert record["noise_multiplier"] == dp_sgd["noise_multiplier"]
+            assert 0.0 < record["epsilon_run"] <= 10.0
+        assert recorded["site-3"]["epsilon_run"] > 9.9 > max(r["epsilon_run"] for s, r in recorded.items() if s != "site-3")
+        assert "target (issue 12): FedAvg + DP-SGD at per-patient eps=1" in done.stdout
