@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 import medflare.privacy.budget_ledger as budget_ledger
-from medflare.privacy.accounting import epsilon_spent
+from medflare.privacy.accounting import epsilon_of_history, epsilon_spent
 from medflare.privacy.budget_ledger import (
     GENESIS,
     LEDGER_FILE_NAME,
@@ -52,6 +52,19 @@ ledger = PrivacyBudgetLedger.open_site(sys.argv[1])
 for n in range(int(sys.argv[3])):
     ledger.reserve(20.0, job_id=sys.argv[2], round_number=n)
 """
+
+# as _RESERVE_MANY, but process p alternates a site-level Gaussian release (z = 20) with a
+# DP-SGD round of 3 steps at z = 1 + 0.1 p, q = 0.01 (p + 1): (z, q) differs between processes
+_RESERVE_MIXED = _RESERVE_MANY.replace(
+    "    ledger.reserve(20.0, job_id=sys.argv[2], round_number=n)\n",
+    """    p = int(sys.argv[2].rsplit("-", 1)[1])
+    if n % 2 == 0:
+        ledger.reserve(20.0, job_id=sys.argv[2], round_number=n, source="GaussianPrivacyFilter")
+    else:
+        ledger.reserve(1.0 + 0.1 * p, job_id=sys.argv[2], round_number=n, source="PatientDPSGDFilter",
+                       sample_rate=0.01 * (p + 1), steps=3, mechanism="dp_sgd")
+""",
+)
 
 
 def _reserve_in_new_process(path, max_epsilon, job, round_number):
@@ -552,23 +565,29 @@ def test_a_failed_ledger_write_records_nothing(local, monkeypatch):
 # concurrency --------------------------------------------------------------------------------
 
 
-def test_concurrent_reserves_from_several_processes_lose_no_record(local, tmp_path):
+def _reserve_concurrently(local, tmp_path, script, processes=4, reserves=10):
+    """Start ``processes`` processes running ``script`` (jobs ``job-0`` ...), let them all reserve
+    at once, wait for them; returns the site's ledger."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     go = tmp_path / "go"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _RESERVE_MANY, str(local), f"job-{n}", "10", str(go)], stderr=subprocess.PIPE, text=True, env=env
+            [sys.executable, "-c", script, str(local), f"job-{n}", str(reserves), str(go)], stderr=subprocess.PIPE, text=True, env=env
         )
-        for n in range(4)
+        for n in range(processes)
     ]
     deadline = time.time() + 240
-    while len(list(tmp_path.glob("go.job-*"))) < 4 and time.time() < deadline and all(p.poll() is None for p in procs):
+    while len(list(tmp_path.glob("go.job-*"))) < processes and time.time() < deadline and all(p.poll() is None for p in procs):
         time.sleep(0.05)
     go.touch()
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-    ledger = PrivacyBudgetLedger.open_site(str(local))
+    return PrivacyBudgetLedger.open_site(str(local))
+
+
+def test_concurrent_reserves_from_several_processes_lose_no_record(local, tmp_path):
+    ledger = _reserve_concurrently(local, tmp_path, _RESERVE_MANY)
     check = ledger.inspect()
     assert check.state == "sealed" and check.seal["records"] == 40
     releases = ledger.read_releases(ledger.path)  # read_records checks the whole chain
@@ -577,6 +596,39 @@ def test_concurrent_reserves_from_several_processes_lose_no_record(local, tmp_pa
         assert [r["round"] for r in releases if r["job_id"] == f"job-{n}"] == list(range(10))
     assert ledger.epsilon_spent() == pytest.approx(epsilon_spent([(20.0, 40)], 1e-5))
     assert [r["epsilon_before"] for r in releases[1:]] == [r["epsilon_after"] for r in releases[:-1]]
+
+
+def test_concurrent_gaussian_and_dp_sgd_reserves_compose_as_opacus(local, tmp_path):
+    """Four processes, each alternating site-level Gaussian releases and DP-SGD rounds, into one
+    site ledger: every record is kept, with its mechanism, and the site's epsilon is Opacus's for
+    the whole mixed history, whatever order the processes' reservations interleaved in."""
+    ledger = _reserve_concurrently(local, tmp_path, _RESERVE_MIXED)
+    check = ledger.inspect()
+    assert check.state == "sealed" and check.seal["records"] == 40
+    releases = ledger.read_releases(ledger.path)
+    assert len(releases) == 40
+    for p in range(4):
+        own = [r for r in releases if r["job_id"] == f"job-{p}"]
+        assert [r["round"] for r in own] == list(range(10))
+        for r in own:
+            if r["round"] % 2 == 0:
+                assert (r["mechanism"], r["noise_multiplier"], r["sample_rate"], r["steps"]) == ("gaussian", 20.0, 1.0, 1)
+            else:
+                assert r["mechanism"] == "dp_sgd" and r["steps"] == 3
+                assert (r["noise_multiplier"], r["sample_rate"]) == pytest.approx((1.0 + 0.1 * p, 0.01 * (p + 1)))
+    # each reservation composed everything recorded before it: the chain of epsilons has no gap
+    assert [r["epsilon_before"] for r in releases[1:]] == [r["epsilon_after"] for r in releases[:-1]]
+    opacus = RDPAccountant()
+    for r in releases:  # Opacus's own bookkeeping, one step at a time, in the ledger's order
+        for _ in range(r["steps"]):
+            opacus.step(noise_multiplier=r["noise_multiplier"], sample_rate=r["sample_rate"])
+    expected = opacus.get_epsilon(delta=1e-5)
+    assert ledger.epsilon_spent() == pytest.approx(expected, rel=1e-9)
+    assert releases[-1]["epsilon_after"] == pytest.approx(expected, rel=1e-9)
+    # and the same for the history as the processes made it, independent of the interleaving
+    made = [(20.0, 1.0, 1)] * 20 + [(1.0 + 0.1 * p, 0.01 * (p + 1), 3) for p in range(4) for _ in range(5)]
+    assert ledger.epsilon_spent() == pytest.approx(epsilon_of_history(made, 1e-5, "rdp"), rel=1e-9)
+    assert 0.0 < ledger.epsilon_spent() < ledger.max_epsilon
 
 
 # the site admin's acknowledgement -----------------------------------------------------------
