@@ -3,8 +3,8 @@
 :class:`RoundMetricsWriter` is an NVFlare component that listens to the FedAvg workflow's events
 and appends one JSON line per round to ``<run dir>/medflare_metrics.jsonl``. It reads only what
 sites already send in their result's DXO meta (``initial_metrics``, ``train_loss``,
-``NUM_STEPS_CURRENT_ROUND``, timings, the filters applied and what privacy filters report),
-so it sees exactly what the aggregator sees, in the
+``NUM_STEPS_CURRENT_ROUND``, timings, the filters applied and what privacy filters report,
+and the names of all meta keys received), so it sees exactly what the aggregator sees, in the
 simulator and in a real federation alike; the file travels with the job's downloaded result.
 
 The metrics (Dice, or AUC and accuracy) reported for round ``r`` are those of the global model
@@ -112,6 +112,8 @@ class RoundMetricsWriter(FLComponent):
         metrics = dxo.get_meta_prop(INITIAL_METRICS) or {}
         privacy = {k: dxo.meta[k] for k in PRIVACY_RECORDS if isinstance(dxo.get_meta_prop(k), dict)}
         self._sites[site] = {
+            # every meta key the server received, so a run's record shows what a scope let leave
+            "meta_keys": sorted(str(k) for k in dxo.meta),
             "filter_history": dxo.get_meta_prop(FILTER_HISTORY) or [],
             "filters_applied": dxo.get_meta_prop(FILTERS_APPLIED) or [],
             "privacy": privacy,
