@@ -225,8 +225,9 @@ def _check_with_nvflare(workspace: str, files: dict) -> None:
 
 
 def _uses_budget(policy: dict) -> bool:
+    """Whether a filter of the policy charges the site's ledger (which needs the budget file)."""
     return any(
-        f.get("path", "").endswith("GaussianPrivacyFilter") or "max_epsilon" in f.get("args", {})
+        f.get("path", "").endswith(("GaussianPrivacyFilter", "PatientDPSGDFilter")) or "max_epsilon" in f.get("args", {})
         for scope in policy.get("scopes", [])
         for chain in ("task_data_filters", "task_result_filters")
         for f in scope.get(chain, [])
@@ -252,8 +253,9 @@ def _budget_file(local_dir: str, chosen: SiteProfile) -> tuple[Optional[str], Op
                 raise InstallError(str(e)) from None
         elif _uses_budget(chosen.privacy):
             raise InstallError(
-                f"profile {chosen.name} ({chosen.folder}) has Gaussian scopes but no {SITE_BUDGET_FILE_NAME}, and the site "
-                f"has none: every Gaussian release would be refused; add the site's budget to the profile or write "
+                f"profile {chosen.name} ({chosen.folder}) has differential-privacy scopes (Gaussian or DP-SGD) but no "
+                f"{SITE_BUDGET_FILE_NAME}, and the site has none: every release they make would be refused; add the "
+                f"site's budget to the profile or write "
                 f"local/{SITE_BUDGET_FILE_NAME} (see docs/site-admin.md)"
             )
         return None, current, current, notes

@@ -153,7 +153,8 @@ def test_an_invalid_profile_folder_is_refused_before_anything_is_written(tmp_pat
     profile = tmp_path / "custom_profile"
     profile.mkdir()
     policy = json.loads(open(os.path.join(os.path.dirname(__file__), "..", "..", "..", "site_configs", "clinical", "privacy.json")).read())
-    policy["scopes"][0]["task_result_filters"][0]["args"]["max_epsilon"] = -1
+    gaussian = next(s for s in policy["scopes"] if s["name"] == "clinical")
+    gaussian["task_result_filters"][0]["args"]["max_epsilon"] = -1
     (profile / "privacy.json").write_text(json.dumps(policy))
     (profile / "resources.json").write_text("{}")
     before = _snapshot(ws)
@@ -217,7 +218,7 @@ def test_command_line_install_show_and_refusal(tmp_path, tiny_sites, capsys):
 
     assert main(["site", "install", "--workspace", str(ws), "--profile", "clinical", "--data", tiny_sites["site-1"], "--gpus", "0"]) == 0
     out = capsys.readouterr().out
-    assert "scopes clinical, clinical_sparse, dp_sgd; default clinical" in out and "restart the FLARE client" in out
+    assert "scopes dp_sgd, clinical, clinical_sparse; default dp_sgd" in out and "restart the FLARE client" in out
 
     assert main(["site", "show", "--workspace", str(ws)]) == 0
     out = capsys.readouterr().out
@@ -446,7 +447,15 @@ def test_a_profile_without_a_budget_keeps_the_sites_and_needs_one_for_gaussian_s
     ws = _workspace(tmp_path)
     bare = _profile_copy(tmp_path, budget=None)
     before = _snapshot(ws)
-    with pytest.raises(InstallError, match="has Gaussian scopes but no medflare_privacy_budget.json, and the site has none"):
+    with pytest.raises(InstallError, match=r"has differential-privacy scopes \(Gaussian or DP-SGD\) but no medflare_privacy_budget.json, and the site has none"):
+        install_site(str(ws), str(bare), tiny_sites["site-1"], gpus=0)
+    assert _snapshot(ws) == before
+    # a profile whose only scope is DP-SGD charges the ledger too: it needs the budget as well
+    policy = json.loads((bare / "privacy.json").read_text())
+    policy["scopes"] = [s for s in policy["scopes"] if s["name"] == "dp_sgd"]
+    policy["default_scope"] = "dp_sgd"
+    (bare / "privacy.json").write_text(json.dumps(policy))
+    with pytest.raises(InstallError, match="but no medflare_privacy_budget.json, and the site has none"):
         install_site(str(ws), str(bare), tiny_sites["site-1"], gpus=0)
     assert _snapshot(ws) == before
 
