@@ -17,6 +17,13 @@ this filter does, is:
    DP-SGD does not privatise), or that would exceed the site's budget, is blocked; entries that
    are not floating-point (counters) are withheld as zeros, as every medflare filter does.
 
+A job may carry this filter too (so that the simulator, which applies no site policy, enforces
+and charges DP-SGD). Where the site's own scope has one in its ``task_result_filters``, the
+site's runs first (NVFlare applies site filters before a job's) and charges the result; the
+job's then checks its own, possibly stricter, requirement against the completed record and
+charges nothing more, so one release is counted once. Which filter is the site's is read from
+the site's scope object (``FLContextKey.SCOPE_OBJECT``), never from the result.
+
 What the site must trust: the executor. The record says what the executor did; the filter can
 check that it is what the site required, not that the executor did it. That is why the site's
 class allow-list decides which executors may run (``medflare.executors.*``), and why this filter
@@ -154,6 +161,14 @@ class PatientDPSGDFilter(FailClosedDXOFilter):
             raise UnsafeUpdateError(f"the DP-SGD record's sample_rate {record['sample_rate']!r} is not in (0, 1]")
         return record
 
+    def _charged_by_the_site(self, fl_ctx: FLContext) -> bool:
+        """True when this is a job's filter and the site's own scope has a filter of this class
+        in its task result filters: that one ran first and charged this result."""
+        scope = fl_ctx.get_prop(FLContextKey.SCOPE_OBJECT)
+        chains = getattr(scope, "task_result_filters", None)
+        site_filters = chains.get(FilterKey.OUT, []) if isinstance(chains, dict) else []
+        return all(f is not self for f in site_filters) and any(isinstance(f, PatientDPSGDFilter) for f in site_filters)
+
     def filter_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
         check_update(dxo.data)
         stats = sorted(k for k, v in dxo.data.items() if is_normalisation_statistic(k) and getattr(v, "size", 1))
@@ -163,6 +178,8 @@ class PatientDPSGDFilter(FailClosedDXOFilter):
                 "(use a network with GroupNorm under DP-SGD); nothing released"
             )
         record = self._checked_record(dxo)
+        if self._charged_by_the_site(fl_ctx):
+            return self._checked_after_the_site(dxo, record, fl_ctx)
         z, q, steps = record["noise_multiplier"], record["sample_rate"], record["steps"]
         ledger, site_epsilon, round_number = reserve_release(
             fl_ctx, shareable, type(self).__name__, z, self.max_epsilon, self.target_delta,
@@ -190,3 +207,19 @@ class PatientDPSGDFilter(FailClosedDXOFilter):
         # DP-SGD privatises the learned weights; a non-floating buffer is not one of them: withheld
         data = {k: v if is_floating(v) else np.zeros(np.shape(v), dtype=as_numpy(v).dtype) for k, v in dxo.data.items()}
         return DXO(data_kind=dxo.data_kind, data=data, meta=meta)
+
+    def _checked_after_the_site(self, dxo: DXO, record: dict, fl_ctx: FLContext) -> DXO:
+        """A job's filter behind the site's: the record was checked against this filter's
+        requirement; the site's filter charged it, so only this filter's own limit is left."""
+        site_epsilon = record.get("epsilon_site")
+        if isinstance(site_epsilon, bool) or not isinstance(site_epsilon, (int, float)):
+            raise UnsafeUpdateError(
+                "the site's DP-SGD filter ran before this one but the record carries no epsilon_site; nothing released"
+            )
+        if self.max_epsilon is not None and site_epsilon > self.max_epsilon:
+            raise UnsafeUpdateError(
+                f"the site's per-patient epsilon {site_epsilon:.4g} after this release exceeds the job's max_epsilon "
+                f"{self.max_epsilon:g}; nothing released (the site has charged it)"
+            )
+        self.log_info(fl_ctx, "DP-SGD release already checked and charged by the site's own filter; not charged again")
+        return DXO(data_kind=dxo.data_kind, data=dict(dxo.data), meta=dict(dxo.meta))
