@@ -285,6 +285,11 @@ class SiteTrainingExecutor(Executor):
             self.log_error(fl_ctx, f"round {current_round}: the site's DP-SGD requirement is malformed, task refused, nothing sent: {e}")
             return make_reply(ReturnCode.BAD_TASK_DATA)
         dp_sgd = effective_settings(self._dp_settings, required, self._expected_patients_per_step())
+        if dp_sgd is not None and self._dp_settings is None:
+            refusal = self._dp_sgd_refusal(dp_sgd)
+            if refusal:
+                self.log_error(fl_ctx, f"round {current_round}: {refusal}")
+                return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         try:
             self._trainer.set_weights(weights)
         except WeightMismatchError as e:
@@ -345,6 +350,30 @@ class SiteTrainingExecutor(Executor):
         result = DXO(data_kind=DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
         result.set_header(CURRENT_ROUND, current_round)  # filters and ledgers name the round
         return result
+
+    def _dp_sgd_refusal(self, dp_sgd: DPSGDSettings) -> Optional[str]:
+        """Why a job without DP-SGD settings cannot meet the site's DP-SGD requirement, or None.
+        Checked before anything is scored or trained, so nothing is computed, sent or charged."""
+        from medflare.training.dp_networks import dp_incompatibilities
+
+        problems = dp_incompatibilities(self._trainer.model)
+        if not problems:
+            return None
+        layers_by_problem: dict[str, list[str]] = {}  # "(BatchNorm2d) mixes ...: use GroupNorm" -> layer names
+        for line in problems:
+            where, _, what = line.partition(" ")
+            layers_by_problem.setdefault(what, []).append(where)
+        shown = "; ".join(
+            f"{len(names)} layer(s) {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            for what, names in layers_by_problem.items()
+        )
+        return (
+            f"this site's privacy scope requires patient-level DP-SGD (noise multiplier >= {dp_sgd.noise_multiplier:g}, "
+            f"clipping norm <= {dp_sgd.max_grad_norm:g}) and this job's network cannot be trained with it: "
+            f"{shown}. Task refused: nothing trained, nothing sent, no privacy budget "
+            "spent. Submit the job's DP-SGD variant instead (jobs/brats_dpsgd, jobs/cxr_emr_dpsgd, "
+            "jobs/heart_disease_dpsgd: GroupNorm networks), or a job naming a scope of this site without DP-SGD"
+        )
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         weights = self._global_weights(shareable, fl_ctx)
