@@ -16,14 +16,15 @@ A profile is a folder holding two files in NVFlare's own formats and the site's 
 ``medflare_privacy_budget.json``
     the site's lifetime privacy budget (:mod:`medflare.privacy.site_budget`), installed as
     ``local/medflare_privacy_budget.json``: ``{"max_epsilon", "delta", "accountant", optional
-    "seal_path"}``. Every Gaussian release of the site, whatever filter or job makes it, is
-    counted against it; a filter's own ``max_epsilon`` can only lower it. Optional for a
+    "seal_path"}``. Every release of the site, Gaussian or DP-SGD, whatever filter or job makes
+    it, is counted against it; a filter's own ``max_epsilon`` can only lower it. Optional for a
     profile whose scopes release nothing noised; a profile without one leaves the site's own
     budget file as it is.
 
 Profiles shipped in ``site_configs/``: ``research`` (default scope ``partial_sharing``, plus
-``differential_privacy`` and ``public_data``) and ``clinical`` (Gaussian differential privacy in
-every scope, log streaming to the server off). A profile is named by its folder name or given
+``dp_sgd``, ``differential_privacy`` and ``public_data``) and ``clinical`` (default scope
+``dp_sgd``, patient-level DP-SGD, plus the site-level Gaussian scopes ``clinical`` and
+``clinical_sparse``: differential privacy in every scope; log streaming to the server off). A profile is named by its folder name or given
 as a path to any folder with these two files.
 
 Checks made before anything is installed (:func:`check_privacy_policy`): the JSON shape, unique

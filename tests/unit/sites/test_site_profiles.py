@@ -67,6 +67,50 @@ def test_clinical_profile_releases_no_update_without_differential_privacy_within
     assert profile.resources["allow_log_streaming"] is False
 
 
+def _scope(profile, name):
+    return next(s for s in profile.privacy["scopes"] if s["name"] == name)
+
+
+def test_clinical_profile_defaults_to_patient_level_dp_sgd_and_keeps_gaussian_selectable():
+    profile = resolve_profile("clinical")
+    assert profile.default_scope == "dp_sgd"
+    default = _scope(profile, "dp_sgd")
+    (spec,) = default["task_result_filters"]
+    assert spec["path"] == DP_SGD and default["task_data_filters"] == [spec]  # told on the way in, checked on the way out
+    args = spec["args"]
+    assert args["noise_multiplier"] >= 1.0 and args["max_grad_norm"] <= 1.0
+    assert args["target_delta"] == profile.budget.delta and args.get("max_epsilon") is None  # the site's cap, 8
+    assert args.get("allow_seeded_noise", False) is False and args["release_meta"] == []
+    # the site-level Gaussian scopes are still there for a job that names them in meta.json
+    assert {"clinical", "clinical_sparse"} <= set(profile.scope_names)
+    assert _scope(profile, "clinical")["task_result_filters"][0]["path"] == GAUSSIAN
+    # the same DP-SGD scope, by name and requirement, in the research profile: a job naming
+    # "scope": "dp_sgd" runs at both kinds of site
+    research = _scope(resolve_profile("research"), "dp_sgd")
+    assert research["task_result_filters"] == default["task_result_filters"]
+
+
+@pytest.mark.parametrize("name", ["research", "clinical"])
+def test_dp_scope_descriptions_state_the_numbers_the_site_enforces(name):
+    """What ``medflare site profiles`` prints must match the filters: z, C, delta and the site's cap."""
+    profile = resolve_profile(name)
+    cap = f"epsilon {profile.budget.max_epsilon:g}"
+    for scope in profile.privacy["scopes"]:
+        text = scope["properties"]["description"]
+        for f in scope["task_result_filters"]:
+            args = f["args"]
+            if f["path"] == DP_SGD:
+                assert f"multiplier at least {args['noise_multiplier']:.1f}" in text, scope["name"]
+                assert f"L2 norm at most {args['max_grad_norm']:g}" in text, scope["name"]
+            elif f["path"] == GAUSSIAN:
+                assert f"multiplier {args['noise_multiplier']:g}" in text and f"L2 norm {args['clipping_norm']:g}" in text, scope["name"]
+            else:
+                continue
+            assert cap in text and "delta 1e-5" in text, scope["name"]
+            assert "validation scores of models the server asks" in text, scope["name"]  # METRICS pass
+            assert args.get("release_meta") == [] and "release_meta is empty" in text, scope["name"]
+
+
 def test_research_profile_defaults_to_partial_sharing():
     profile = resolve_profile("research")
     default = next(s for s in profile.privacy["scopes"] if s["name"] == profile.default_scope)
