@@ -36,7 +36,7 @@ The protocol of FLamby (Ogier du Terrail et al., NeurIPS 2022 Datasets and Bench
 It prints mean and standard deviation over seeds beside FLamby's published means, and each
 method's ratio to pooled training measured in the same run.
 
-    python benchmarks/heart_disease.py                 # 5 seeds, about 30 minutes on 2 cores
+    python benchmarks/heart_disease.py                 # 5 seeds, 40 simulator runs: about 45 minutes on 2 shared cores
     python benchmarks/heart_disease.py --quick         # 1 seed, shortened, no plain FedAvg: a smoke test
     python benchmarks/heart_disease.py --json results.json
 """
