@@ -50,7 +50,8 @@ class OutcomeExecutor(SiteTrainingExecutor):
         dp_sgd: null or patient-level DP-SGD settings (see
             :class:`~medflare.executors.site_training_executor.SiteTrainingExecutor`); an image
             network needs ``OutcomeNet(norm="group")``. ``local_steps`` steps of Poisson-sampled
-            patients per round, or ``ceil(1 / q)`` per epoch.
+            patients per round, or ``ceil(1 / q)`` per epoch; with ``target_epsilon`` those are
+            the steps per round the site's noise multiplier is solved for.
 
     Raises:
         ValueError: when an argument is out of range, or the model's declared inputs and
@@ -171,3 +172,6 @@ class OutcomeExecutor(SiteTrainingExecutor):
 
     def _train_locally(self, trainer, should_abort: Callable[[], bool], dp_sgd=None) -> TrainResult:
         return trainer.train(self.local_epochs, self.local_steps, should_abort, dp_sgd=dp_sgd)
+
+    def _dp_sgd_steps_per_round(self, trainer, expected_patients_per_step: int) -> int:
+        return trainer.dp_sgd_steps(self.local_epochs, self.local_steps, expected_patients_per_step)

@@ -56,7 +56,9 @@ class SegmentationExecutor(SiteTrainingExecutor):
         dp_sgd: null or patient-level DP-SGD settings (see
             :class:`~medflare.executors.site_training_executor.SiteTrainingExecutor`); the
             network must be DP-compatible (``medflare.training.seeded_networks.SeededDPSegResNet``).
-            Under DP-SGD an epoch is ``ceil(1 / q)`` steps of Poisson-sampled patients.
+            Under DP-SGD an epoch is ``ceil(1 / q)`` steps of Poisson-sampled patients (at most
+            ``max_steps_per_round`` a round); with ``target_epsilon`` those are the steps per
+            round the site's noise multiplier is solved for.
         crops_per_patient: random crops of each patient per step (a patient's crops are summed
             before clipping under DP-SGD).
     """
@@ -150,3 +152,6 @@ class SegmentationExecutor(SiteTrainingExecutor):
 
     def _train_locally(self, trainer, should_abort: Callable[[], bool], dp_sgd=None) -> TrainResult:
         return trainer.train(self.local_epochs, self.max_steps_per_round, should_abort, dp_sgd=dp_sgd)
+
+    def _dp_sgd_steps_per_round(self, trainer, expected_patients_per_step: int) -> int:
+        return trainer.dp_sgd_steps(self.local_epochs, self.max_steps_per_round, expected_patients_per_step)

@@ -17,6 +17,16 @@ training); this class answers the tasks:
   settings: the site's values and the job's batch size as the expected patients per step). A
   malformed requirement refuses the task (nothing sent). The result's meta carries the record
   under ``wire_contract.DP_SGD``;
+- DP-SGD to a per-patient target: with ``dp_sgd`` giving ``target_epsilon`` instead of a noise
+  multiplier, the first train task fixes the run's plan at this site: the rounds from the
+  task's header ``AppConstants.NUM_ROUNDS`` (NVFlare's ``ScatterAndGather`` sets it on every
+  train task) times the DP-SGD steps a round takes here (:math:`q = m / N` with this site's
+  :math:`N`), twice that with ``local_model="site_only"`` (its own DP-SGD run on the same
+  patients, charged when ``submit_model`` releases it; counted whether or not cross-site
+  evaluation asks, since that is not known at round 1). The noise multiplier solved for that
+  plan (:func:`medflare.privacy.dp_sgd.settings_for_target`) is kept for the whole run, and the
+  site's requirement still applies on top. A train task without the header, with another
+  one than the plan's, or beyond the planned rounds is refused (nothing trained or sent);
 - ``submit_model``: return this site's local model, for NVFlare's cross-site evaluation:
   by default (``local_model="last_round"``) the weights of its latest local training, i.e. the
   global model plus one round of local steps; with ``local_model="site_only"`` a model the
@@ -44,6 +54,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -59,11 +70,16 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from medflare.privacy.dp_sgd import (
+    DPSGDRequirement,
     DPSGDSettings,
+    DPSGDTarget,
     combined_record,
+    dp_sgd_epsilon,
     effective_settings,
     parse_dp_sgd_requirement,
     parse_dp_sgd_settings,
+    patient_sample_rate,
+    settings_for_target,
 )
 from medflare.training.model_weights import TrainResult, WeightMismatchError
 from medflare.wire_contract import (
@@ -78,7 +94,7 @@ from medflare.wire_contract import (
     VALIDATE_SECONDS,
 )
 
-__all__ = ["SiteTrainingExecutor", "check_positive_int", "LOCAL_MODELS"]
+__all__ = ["SiteTrainingExecutor", "TargetPlan", "check_positive_int", "LOCAL_MODELS"]
 
 LOCAL_MODELS = ("last_round", "site_only")
 
@@ -89,6 +105,23 @@ def check_positive_int(name: str, value, allow_none: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         allowed = "a positive int or null" if allow_none else "a positive int"
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """The DP-SGD a run takes at this site under a per-patient target: ``rounds`` x
+    ``steps_per_round`` x ``runs`` (2 with the site-only model) steps at ``sample_rate``, all
+    with ``settings.noise_multiplier``."""
+
+    settings: DPSGDSettings
+    rounds: int
+    steps_per_round: int
+    runs: int
+    sample_rate: float
+
+    @property
+    def planned_steps(self) -> int:
+        return self.rounds * self.steps_per_round * self.runs
 
 
 def _non_finite_keys(weights: dict) -> list[str]:
@@ -111,8 +144,11 @@ class SiteTrainingExecutor(Executor):
         dp_sgd: null, or ``{"noise_multiplier": z > 0, "max_grad_norm": C > 0,
             "expected_patients_per_step": m >= 1[, "secure_noise": true]}`` for patient-level
             DP-SGD (:class:`~medflare.privacy.dp_sgd.DPSGDSettings`; ``secure_noise`` false is
-            reproducible and insecure, for tests only). The network is checked when the job is
-            built.
+            reproducible and insecure, for tests only), or the same with ``"target_epsilon": E >
+            0[, "target_delta": 1e-5]`` instead of ``noise_multiplier``: each site solves z so
+            that its patients spend at most E over the run's planned steps (see the module
+            docstring; :class:`~medflare.privacy.dp_sgd.DPSGDTarget`). The network is checked
+            when the job is built.
         train_task_name, validate_task_name, submit_model_task_name: task names to answer.
     """
 
@@ -158,11 +194,16 @@ class SiteTrainingExecutor(Executor):
         self.validate_task_name = validate_task_name
         self.submit_model_task_name = submit_model_task_name
         self.dp_sgd = dp_sgd
-        self._dp_settings = parse_dp_sgd_settings(dp_sgd, "dp_sgd")
-        if self._dp_settings is not None:
+        parsed = parse_dp_sgd_settings(dp_sgd, "dp_sgd", allow_target=True)
+        #: a fixed noise multiplier (also the trainers' default), or a target solved at round 1
+        self._dp_settings = parsed if isinstance(parsed, DPSGDSettings) else None
+        self._dp_target = parsed if isinstance(parsed, DPSGDTarget) else None
+        if parsed is not None:
             from medflare.training.dp_networks import check_dp_compatible
 
             check_dp_compatible(self._build_network())  # refused when the job is built, not in round 1
+        self._target_plan: Optional[TargetPlan] = None
+        self._target_rounds_trained = 0
 
         self._trainer = None
         self._site_only_dp_records: list = []
@@ -182,6 +223,11 @@ class SiteTrainingExecutor(Executor):
         self, trainer, should_abort: Callable[[], bool], dp_sgd: Optional[DPSGDSettings] = None
     ) -> TrainResult:
         """One round of local training with ``trainer``, under DP-SGD when ``dp_sgd`` is given."""
+        raise NotImplementedError
+
+    def _dp_sgd_steps_per_round(self, trainer, expected_patients_per_step: int) -> int:
+        """The DP-SGD steps :meth:`_train_locally` takes with ``trainer`` in a round (unless
+        aborted), for settings of ``expected_patients_per_step``."""
         raise NotImplementedError
 
     def _expected_patients_per_step(self) -> int:
@@ -225,6 +271,7 @@ class SiteTrainingExecutor(Executor):
                 self._site_only_started = False
                 self._site_only_dp_records = []
                 self._site_only_unprivate = False
+            self._target_plan, self._target_rounds_trained = None, 0
             self._setup_error = None
             self.log_info(
                 fl_ctx,
@@ -284,8 +331,13 @@ class SiteTrainingExecutor(Executor):
         except (TypeError, ValueError) as e:
             self.log_error(fl_ctx, f"round {current_round}: the site's DP-SGD requirement is malformed, task refused, nothing sent: {e}")
             return make_reply(ReturnCode.BAD_TASK_DATA)
-        dp_sgd = effective_settings(self._dp_settings, required, self._expected_patients_per_step())
-        if dp_sgd is not None and self._dp_settings is None:
+        try:
+            job_dp_sgd = self._job_dp_sgd(shareable, required, fl_ctx)
+        except ValueError as e:
+            self.log_error(fl_ctx, f"round {current_round}: {e}")
+            return make_reply(ReturnCode.BAD_TASK_DATA)
+        dp_sgd = effective_settings(job_dp_sgd, required, self._expected_patients_per_step())
+        if dp_sgd is not None and job_dp_sgd is None:
             refusal = self._dp_sgd_refusal(dp_sgd)
             if refusal:
                 self.log_error(fl_ctx, f"round {current_round}: {refusal}")
@@ -310,6 +362,8 @@ class SiteTrainingExecutor(Executor):
                 return make_reply(ReturnCode.TASK_ABORTED)
             meta[INITIAL_METRICS] = metrics
 
+        if self._target_plan is not None:
+            self._target_rounds_trained += 1  # counted when begun: an aborted round's steps were taken
         result = self._train_locally(self._trainer, should_abort, dp_sgd)
         if result.aborted:
             self.log_info(fl_ctx, f"round {current_round}: training aborted after {result.steps} steps")
@@ -350,6 +404,73 @@ class SiteTrainingExecutor(Executor):
         result = DXO(data_kind=DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
         result.set_header(CURRENT_ROUND, current_round)  # filters and ledgers name the round
         return result
+
+    def _job_dp_sgd(
+        self, shareable: Shareable, required: Optional[DPSGDRequirement], fl_ctx: FLContext
+    ) -> Optional[DPSGDSettings]:
+        """The job's DP-SGD for this train task: its fixed settings, or under a target the plan
+        made at the first train task (the same noise multiplier every round).
+
+        Raises:
+            ValueError: the task cannot be trained within the target: no ``NUM_ROUNDS`` header
+                at the first train task, another one later, or more rounds than planned.
+        """
+        target = self._dp_target
+        if target is None:
+            return self._dp_settings
+        rounds = shareable.get_header(AppConstants.NUM_ROUNDS)
+        if self._target_plan is None:
+            self._target_plan = self._plan_for_target(target, rounds)
+            self._log_target_plan(self._target_plan, required, fl_ctx)
+        plan = self._target_plan
+        if rounds != plan.rounds:
+            raise ValueError(
+                f"the train task's {AppConstants.NUM_ROUNDS!r} header is {rounds!r}, but this site solved its "
+                f"noise multiplier for {plan.rounds} rounds at the first train task; task refused, nothing "
+                "trained or sent (the per-patient target_epsilon holds only for the planned steps)"
+            )
+        if self._target_rounds_trained >= plan.rounds:
+            raise ValueError(
+                f"this site has trained the {plan.rounds} rounds its noise multiplier was solved for; another "
+                f"would spend more than target_epsilon {target.target_epsilon:g} per patient. Task refused, "
+                "nothing trained or sent"
+            )
+        return plan.settings
+
+    def _plan_for_target(self, target: DPSGDTarget, rounds) -> TargetPlan:
+        """Solve the noise multiplier for ``rounds`` rounds of this site's DP-SGD (see the module docstring)."""
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(
+                f"dp_sgd asks for target_epsilon {target.target_epsilon:g} per patient over the run, and the train "
+                f"task carries no valid {AppConstants.NUM_ROUNDS!r} header (got {rounds!r}; NVFlare's "
+                "ScatterAndGather sets it on every train task): without the run's rounds the planned steps, and "
+                "so the noise multiplier, are unknown. Task refused, nothing trained or sent, no budget spent; "
+                "run the job under ScatterAndGather or give dp_sgd a noise_multiplier"
+            )
+        m = target.expected_patients_per_step
+        sample_rate = patient_sample_rate(m, self._trainer.num_train_cases)
+        per_round = self._dp_sgd_steps_per_round(self._trainer, m)
+        runs = 2 if self.local_model == "site_only" else 1
+        settings = settings_for_target(target, sample_rate, rounds * per_round * runs)
+        return TargetPlan(settings, rounds, per_round, runs, sample_rate)
+
+    def _log_target_plan(self, plan: TargetPlan, required: Optional[DPSGDRequirement], fl_ctx: FLContext) -> None:
+        target, z = self._dp_target, plan.settings.noise_multiplier
+        self.log_info(
+            fl_ctx,
+            f"DP-SGD to per-patient epsilon {target.target_epsilon:g} (delta {target.target_delta:g}, RDP): "
+            f"{plan.planned_steps} planned steps ({plan.rounds} rounds x {plan.steps_per_round} steps"
+            f"{' x 2: the update and the site-only model' if plan.runs == 2 else ''}) at q={plan.sample_rate:.4g} "
+            f"({target.expected_patients_per_step} of {self._trainer.num_train_cases} patients per step): "
+            f"noise multiplier z={z:.4g} for the whole run",
+        )
+        if required is not None and required.noise_multiplier > z:
+            spent = dp_sgd_epsilon(required.noise_multiplier, plan.sample_rate, plan.planned_steps, target.target_delta)
+            self.log_info(
+                fl_ctx,
+                f"this site requires z >= {required.noise_multiplier:g}: training at that, per-patient epsilon "
+                f"{spent:.4g} over the planned steps, below the target",
+            )
 
     def _dp_sgd_refusal(self, dp_sgd: DPSGDSettings) -> Optional[str]:
         """Why a job without DP-SGD settings cannot meet the site's DP-SGD requirement, or None.

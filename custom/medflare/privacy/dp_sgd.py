@@ -24,6 +24,16 @@ Notes:
     with :math:`z` the ``noise_multiplier``. The optimizer (Adam or SGD) only post-processes
     :math:`\\tilde g`, which costs no privacy.
 
+    **A target instead of a noise multiplier** (:class:`DPSGDTarget`). One :math:`z` spends a
+    different epsilon at each site, since :math:`q = m / N` differs: with :math:`T` planned
+    steps at rate :math:`q`, the site solves
+    :math:`z = \\min\\{z' : \\varepsilon_{RDP}(z', q, T, \\delta) \\le \\varepsilon_{target}\\}`
+    (:func:`settings_for_target`, to Opacus's tolerance of 0.01 in epsilon) and keeps that
+    :math:`z` for all :math:`T` steps, so every site's patients spend about the target. The
+    guarantee holds for at most :math:`T` steps; more steps spend more. The calibration uses
+    the RDP accountant, the site ledger's default; RDP's epsilon bounds the history's from
+    above, and the PRV accountant estimates the same history more tightly.
+
     **Neighbouring relation:** add/remove one patient, with all of their images, crops and
     rows. Each step is the Poisson-subsampled Gaussian mechanism of sensitivity :math:`C`;
     :math:`T` steps compose. Its Rényi DP is computed numerically (Mironov, Talwar, Zhang 2019
@@ -51,7 +61,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 import torch
 
@@ -61,11 +71,13 @@ from medflare.privacy.argument_checks import check_int, check_real
 __all__ = [
     "DPSGDSettings",
     "DPSGDRequirement",
+    "DPSGDTarget",
     "MECHANISM",
     "NEIGHBOURING_RELATION",
     "parse_dp_sgd_settings",
     "parse_dp_sgd_requirement",
     "effective_settings",
+    "settings_for_target",
     "poisson_sample",
     "patient_sample_rate",
     "steps_per_epoch",
@@ -80,6 +92,8 @@ __all__ = [
 MECHANISM = "dp_sgd"
 NEIGHBOURING_RELATION = "add/remove one patient"
 _SETTINGS_FIELDS = ("noise_multiplier", "max_grad_norm", "expected_patients_per_step", "secure_noise")
+_TARGET_FIELDS = ("target_epsilon", "target_delta", "max_grad_norm", "expected_patients_per_step", "secure_noise")
+_TARGET_REQUIRED = ("target_epsilon", "max_grad_norm", "expected_patients_per_step")
 _REQUIRED_FIELDS = ("noise_multiplier", "max_grad_norm")
 #: Opacus's guard against dividing by a zero norm
 _NORM_EPS = 1e-6
@@ -109,6 +123,35 @@ class DPSGDSettings:
 
     def __post_init__(self):
         check_real("noise_multiplier", self.noise_multiplier, 0.0, None, low_open=True)
+        check_real("max_grad_norm", self.max_grad_norm, 0.0, None, low_open=True)
+        check_int("expected_patients_per_step", self.expected_patients_per_step, 1)
+        if not isinstance(self.secure_noise, bool):
+            raise TypeError(f"secure_noise must be true or false, got {self.secure_noise!r}")
+
+
+@dataclass(frozen=True)
+class DPSGDTarget:
+    """DP-SGD asked for as a per-patient budget: the executor solves the noise multiplier for its
+    site's sample rate and the run's planned steps (:func:`settings_for_target`).
+
+    Attributes:
+        target_epsilon: per-patient epsilon over the whole run at this site, in (0, inf).
+        target_delta: its delta, in (0, 1); default 1e-5.
+        max_grad_norm, expected_patients_per_step, secure_noise: as in :class:`DPSGDSettings`.
+
+    Raises:
+        TypeError, ValueError: naming the field, its value and the allowed range.
+    """
+
+    target_epsilon: float
+    max_grad_norm: float
+    expected_patients_per_step: int
+    target_delta: float = 1e-5
+    secure_noise: bool = True
+
+    def __post_init__(self):
+        check_real("target_epsilon", self.target_epsilon, 0.0, None, low_open=True)
+        check_real("target_delta", self.target_delta, 0.0, 1.0, low_open=True, high_open=True)
         check_real("max_grad_norm", self.max_grad_norm, 0.0, None, low_open=True)
         check_int("expected_patients_per_step", self.expected_patients_per_step, 1)
         if not isinstance(self.secure_noise, bool):
@@ -147,20 +190,65 @@ def _named(argument: str, error: Exception) -> Exception:
     return type(error)(f"{argument}.{error}")
 
 
-def parse_dp_sgd_settings(value, argument: str = "dp_sgd") -> Optional[DPSGDSettings]:
-    """A job's ``dp_sgd`` argument (null or ``{"noise_multiplier", "max_grad_norm",
-    "expected_patients_per_step"[, "secure_noise"]}``) as settings, or None for null.
+def _form_of(value, argument: str, allow_target: bool) -> type:
+    """Which form a ``dp_sgd`` mapping takes: exactly one of ``noise_multiplier``
+    (:class:`DPSGDSettings`) and ``target_epsilon`` (:class:`DPSGDTarget`, where allowed)."""
+    if not isinstance(value, Mapping):
+        return DPSGDSettings  # refused by _check_fields with the expected shape
+    if not allow_target:
+        if "target_epsilon" in value:
+            raise ValueError(
+                f"{argument} gives target_epsilon {value['target_epsilon']!r}, which only an executor resolves "
+                "(it knows the run's planned steps); a trainer needs a noise_multiplier z > 0"
+            )
+        return DPSGDSettings
+    _check_fields(value, argument, _SETTINGS_FIELDS + _TARGET_FIELDS[:2], ())  # a typo gets its hint first
+    if "noise_multiplier" in value and "target_epsilon" in value:
+        raise ValueError(
+            f"{argument} gives both noise_multiplier {value['noise_multiplier']!r} and target_epsilon "
+            f"{value['target_epsilon']!r}; give exactly one: noise_multiplier z > 0 (the same noise at every "
+            "site) or target_epsilon > 0 (each site solves z for its sample rate and the run's planned steps)"
+        )
+    if "target_epsilon" in value:
+        return DPSGDTarget
+    if "target_delta" in value:
+        raise ValueError(
+            f"{argument} gives target_delta {value['target_delta']!r} without target_epsilon; it belongs to "
+            "target_epsilon (with a noise_multiplier, the site's filter states delta)"
+        )
+    if "noise_multiplier" not in value:
+        raise ValueError(
+            f"{argument} lacks the noise: give exactly one of noise_multiplier z > 0 "
+            "or target_epsilon > 0 (per patient, over the run)"
+        )
+    return DPSGDSettings
+
+
+def parse_dp_sgd_settings(
+    value, argument: str = "dp_sgd", allow_target: bool = False
+) -> Union[DPSGDSettings, DPSGDTarget, None]:
+    """A job's ``dp_sgd`` argument as settings, or None for null.
+
+    The argument is null, a fixed noise ``{"noise_multiplier", "max_grad_norm",
+    "expected_patients_per_step"[, "secure_noise"]}``, or, where ``allow_target`` (an executor,
+    which knows the run's planned steps), a per-patient budget ``{"target_epsilon",
+    "max_grad_norm", "expected_patients_per_step"[, "target_delta", "secure_noise"]}`` as a
+    :class:`DPSGDTarget`: exactly one of ``noise_multiplier`` and ``target_epsilon``.
 
     Raises:
         TypeError, ValueError: naming ``argument``, the field and the allowed range.
     """
     if value is None:
         return None
-    if isinstance(value, DPSGDSettings):
+    if isinstance(value, DPSGDSettings) or (allow_target and isinstance(value, DPSGDTarget)):
         return value
-    _check_fields(value, argument, _SETTINGS_FIELDS, _SETTINGS_FIELDS[:3])
+    form = _form_of(value, argument, allow_target)
+    if form is DPSGDTarget:
+        _check_fields(value, argument, _TARGET_FIELDS, _TARGET_REQUIRED)
+    else:
+        _check_fields(value, argument, _SETTINGS_FIELDS, _SETTINGS_FIELDS[:3])
     try:
-        return DPSGDSettings(**dict(value))
+        return form(**dict(value))
     except (TypeError, ValueError) as e:
         raise _named(argument, e) from None
 
@@ -200,6 +288,26 @@ def effective_settings(
         noise_multiplier=max(float(job.noise_multiplier), float(required.noise_multiplier)),
         max_grad_norm=min(float(job.max_grad_norm), float(required.max_grad_norm)),
     )
+
+
+def settings_for_target(target: DPSGDTarget, sample_rate: float, planned_steps: int) -> DPSGDSettings:
+    """The settings that keep ``planned_steps`` steps at rate ``sample_rate`` within the target.
+
+    Notes:
+        :math:`z` = :func:`noise_multiplier_for_patient_epsilon` ``(target_epsilon,
+        target_delta, q, T)`` (RDP): the per-patient epsilon of the :math:`T` steps is at most
+        ``target_epsilon`` and within 0.01 of it. Neighbouring relation: add/remove one patient
+        of this site. The guarantee covers at most :math:`T` steps at this :math:`z` (or a
+        larger one, which only spends less); the caller keeps :math:`z` fixed and stops at
+        :math:`T`.
+
+    Raises:
+        TypeError, ValueError: ``sample_rate`` not in (0, 1], ``planned_steps`` < 1.
+    """
+    if not isinstance(target, DPSGDTarget):
+        raise TypeError(f"target must be a DPSGDTarget, got {target!r}")
+    z = noise_multiplier_for_patient_epsilon(target.target_epsilon, target.target_delta, sample_rate, planned_steps)
+    return DPSGDSettings(z, target.max_grad_norm, target.expected_patients_per_step, target.secure_noise)
 
 
 # --- one step ---------------------------------------------------------------------------------

@@ -32,7 +32,13 @@ import numpy as np
 import torch
 
 from medflare.data.outcome_table import OutcomeCase, read_xray
-from medflare.privacy.dp_sgd import DPSGDSettings, dp_sgd_record, parse_dp_sgd_settings, steps_per_epoch
+from medflare.privacy.dp_sgd import (
+    DPSGDSettings,
+    dp_sgd_record,
+    parse_dp_sgd_settings,
+    patient_sample_rate,
+    steps_per_epoch,
+)
 from medflare.training.device import select_device
 from medflare.training.dp_sgd_step import DPSGDRandomness, DPSGDStep
 from medflare.training.model_weights import TrainResult, get_weights, set_weights, weight_diff
@@ -287,11 +293,19 @@ class OutcomeTrainer:
             total += float(loss.detach())
         return TrainResult(steps, total / steps, time.perf_counter() - start, False)
 
+    def dp_sgd_steps(self, epochs: int, steps: Optional[int], expected_patients_per_step: int) -> int:
+        """The DP-SGD steps ``train(epochs, steps, dp_sgd)`` takes unless aborted, for settings of
+        ``expected_patients_per_step``: ``steps`` when given, else ``epochs * ceil(1 / q)``."""
+        if steps is not None:
+            return _positive_int("steps", steps)
+        q = patient_sample_rate(expected_patients_per_step, self.num_train_cases)
+        return _positive_int("epochs", epochs) * steps_per_epoch(q)
+
     def _train_dp_sgd(
         self, settings: DPSGDSettings, epochs: int, steps: Optional[int], should_abort: Callable[[], bool]
     ) -> TrainResult:
         step = DPSGDStep(self.model, self.loss_fn, settings, self.num_train_cases, self._dp_randomness)
-        planned = steps if steps is not None else epochs * steps_per_epoch(step.sample_rate)
+        planned = self.dp_sgd_steps(epochs, steps, settings.expected_patients_per_step)
         start = time.perf_counter()
         self.model.train()
         total, seen = 0.0, 0

@@ -24,7 +24,13 @@ import torch
 from medflare.data.brats_volume_checks import check_brats_subjects
 from medflare.training.brats_transforms import REGIONS, train_transforms, val_transforms
 from medflare.training.device import select_device, use_amp
-from medflare.privacy.dp_sgd import DPSGDSettings, dp_sgd_record, parse_dp_sgd_settings, steps_per_epoch
+from medflare.privacy.dp_sgd import (
+    DPSGDSettings,
+    dp_sgd_record,
+    parse_dp_sgd_settings,
+    patient_sample_rate,
+    steps_per_epoch,
+)
 from medflare.training.model_weights import TrainResult, WeightMismatchError, get_weights, set_weights, weight_diff
 
 __all__ = ["SegmentationTrainer", "TrainResult", "WeightMismatchError"]
@@ -230,14 +236,20 @@ class SegmentationTrainer:
             torch.tensor(owner, dtype=torch.int64, device=self.device),
         )
 
+    def dp_sgd_steps(self, epochs: int, max_steps: Optional[int], expected_patients_per_step: int) -> int:
+        """The DP-SGD steps ``train(epochs, max_steps, dp_sgd)`` takes unless aborted, for settings
+        of ``expected_patients_per_step``: ``epochs * ceil(1 / q)``, at most ``max_steps``."""
+        q = patient_sample_rate(expected_patients_per_step, self.num_train_cases)
+        planned = _positive_int("epochs", epochs) * steps_per_epoch(q)
+        return planned if max_steps is None else min(planned, _positive_int("max_steps", max_steps))
+
     def _train_dp_sgd(
         self, settings: DPSGDSettings, epochs: int, max_steps: Optional[int], should_abort: Callable[[], bool]
     ) -> TrainResult:
         from medflare.training.dp_sgd_step import DPSGDStep
 
         step = DPSGDStep(self.model, self.loss_fn, settings, self.num_train_cases, self._dp_randomness)
-        planned = epochs * steps_per_epoch(step.sample_rate)
-        planned = planned if max_steps is None else min(planned, max_steps)
+        planned = self.dp_sgd_steps(epochs, max_steps, settings.expected_patients_per_step)
         start = time.perf_counter()
         self.model.train()
         total, crops = 0.0, 0

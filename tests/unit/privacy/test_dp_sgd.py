@@ -10,6 +10,7 @@ import torch
 from medflare.privacy.dp_sgd import (
     DPSGDRequirement,
     DPSGDSettings,
+    DPSGDTarget,
     clip_patient_gradients,
     combined_record,
     dp_sgd_epsilon,
@@ -21,6 +22,7 @@ from medflare.privacy.dp_sgd import (
     parse_dp_sgd_settings,
     patient_sample_rate,
     poisson_sample,
+    settings_for_target,
     steps_per_epoch,
 )
 from medflare.wire_contract import DP_SGD_RECORD
@@ -60,6 +62,67 @@ def test_settings_parse_and_default_to_secure_noise():
     settings = parse_dp_sgd_settings(GOOD)
     assert settings == DPSGDSettings(1.1, 1.0, 4, True)
     assert parse_dp_sgd_settings({**GOOD, "secure_noise": False}).secure_noise is False
+
+
+TARGET = {"target_epsilon": 1.0, "max_grad_norm": 1.0, "expected_patients_per_step": 4}
+
+
+def test_a_target_parses_where_allowed_with_delta_and_secure_noise_defaults():
+    assert parse_dp_sgd_settings(TARGET, allow_target=True) == DPSGDTarget(1.0, 1.0, 4, 1e-5, True)
+    given = parse_dp_sgd_settings({**TARGET, "target_delta": 1e-6, "secure_noise": False}, allow_target=True)
+    assert (given.target_delta, given.secure_noise) == (1e-6, False)
+    # the fixed form still parses where a target is allowed
+    assert parse_dp_sgd_settings(GOOD, allow_target=True) == DPSGDSettings(1.1, 1.0, 4, True)
+
+
+@pytest.mark.parametrize(
+    "value, error, message",
+    [
+        ({**TARGET, "noise_multiplier": 1.0}, ValueError, "dp_sgd gives both noise_multiplier 1.0 and target_epsilon 1.0; give exactly one"),
+        ({"max_grad_norm": 1.0, "expected_patients_per_step": 4}, ValueError, "dp_sgd lacks the noise: give exactly one of noise_multiplier"),
+        ({**GOOD, "target_delta": 1e-5}, ValueError, "dp_sgd gives target_delta 1e-05 without target_epsilon"),
+        ({"target_epsilom": 1.0, "max_grad_norm": 1.0, "expected_patients_per_step": 4}, ValueError, "did you mean 'target_epsilon'"),
+        ({"target_epsilon": 1.0, "max_grad_norm": 1.0}, ValueError, "dp_sgd lacks ['expected_patients_per_step']"),
+        ({**TARGET, "target_epsilon": 0.0}, ValueError, "dp_sgd.target_epsilon must be in (0.0, inf), got 0.0"),
+        ({**TARGET, "target_epsilon": math.inf}, ValueError, "dp_sgd.target_epsilon must be a finite"),
+        ({**TARGET, "target_epsilon": True}, TypeError, "dp_sgd.target_epsilon must be a real number"),
+        ({**TARGET, "target_delta": 1.0}, ValueError, "dp_sgd.target_delta must be in (0.0, 1.0), got 1.0"),
+        ({**TARGET, "max_grad_norm": 0}, ValueError, "dp_sgd.max_grad_norm must be in (0.0, inf)"),
+        ({**TARGET, "steps": 10}, ValueError, "dp_sgd has the unknown field 'steps'"),
+    ],
+)
+def test_bad_targets_and_combinations_are_refused_naming_the_field(value, error, message):
+    with pytest.raises(error) as raised:
+        parse_dp_sgd_settings(value, allow_target=True)
+    assert message in str(raised.value)
+
+
+def test_a_trainer_refuses_a_target_it_cannot_resolve():
+    with pytest.raises(ValueError, match="only an executor resolves"):
+        parse_dp_sgd_settings(TARGET)
+
+
+def test_settings_for_target_spend_the_target_at_sites_of_different_sizes():
+    """The heart benchmark's largest and smallest hospitals, 15 rounds of 10 steps: one z would
+    spend 0.15 at Cleveland where Switzerland spends 1; solved per site, both spend ~1."""
+    target = DPSGDTarget(1.0, 1.0, 4)
+    solved = {}
+    for patients in (199, 30):
+        q = patient_sample_rate(4, patients)
+        settings = settings_for_target(target, q, 150)
+        assert (settings.max_grad_norm, settings.expected_patients_per_step, settings.secure_noise) == (1.0, 4, True)
+        spent = dp_sgd_epsilon(settings.noise_multiplier, q, 150, 1e-5)
+        assert 0.99 <= spent <= 1.0  # within Opacus's tolerance of 0.01, never above
+        solved[patients] = settings.noise_multiplier
+    assert solved[199] < solved[30]
+    assert dp_sgd_epsilon(solved[30], patient_sample_rate(4, 199), 150, 1e-5) < 0.2  # the single-z waste
+
+
+def test_settings_for_target_refuse_a_plan_without_steps():
+    with pytest.raises(ValueError, match="steps"):
+        settings_for_target(DPSGDTarget(1.0, 1.0, 4), 0.1, 0)
+    with pytest.raises(TypeError, match="DPSGDTarget"):
+        settings_for_target(TARGET, 0.1, 10)
 
 
 @pytest.mark.parametrize(
