@@ -21,15 +21,19 @@ The protocol of FLamby (Ogier du Terrail et al., NeurIPS 2022 Datasets and Bench
 * **FedAvg + DP-SGD** (medflare's, not in FLamby): ``jobs/heart_disease_dpsgd`` (15 rounds of
   10 patient-level DP-SGD steps, SGD at 0.05, clipping norm 1, 4 patients per step expected,
   the site's ``PatientDPSGDFilter`` on the way in and out, equal weights in the average since
-  the sites withhold their case counts) with one noise multiplier z per
-  target epsilon in {1, 5, 10} at delta 1e-5, per patient. The sites hold different numbers
-  of training patients N, so their Poisson rates q = 4 / N differ and one z spends a different
-  epsilon at each; z is the smallest that keeps **every** site within the target over all of
-  the job's steps (rounds x local steps), which the site with the fewest patients
-  (Switzerland, 30) binds. The epsilon each site actually spent is read from the DP-SGD
-  records its filter wrote (the server's round metrics), not recomputed. The patient sampling
-  and the noise come from the operating system's CSPRNG, as shipped: the seed fixes only the
-  initial model;
+  the sites withhold their case counts) at a per-patient target epsilon in {1, 5, 10} at
+  delta 1e-5. The sites hold different numbers of training patients N, so their Poisson rates
+  q = 4 / N differ and one z would spend a different epsilon at each (the site with the fewest
+  patients, Switzerland's 30, would bind it and the others spend a fraction of the target).
+  Instead the job copy gives the executor ``dp_sgd.target_epsilon``: each site solves its own
+  z for its q and the run's planned steps (rounds x local steps) at its first train task and
+  keeps it, so every site's patients spend about the target. The filters' ``noise_multiplier``
+  is a floor just below the smallest z a site solves (the shipped ``dp_sgd`` scopes require
+  z >= 1 and would raise the sites below that), their ``max_epsilon`` the target + 0.1%.
+  Here the same z are solved beforehand from the sites' sizes and the epsilon each site
+  actually spent is read from the DP-SGD records its filter wrote (the server's round metrics)
+  and checked against that plan (z, q, steps, epsilon). The patient sampling and the noise
+  come from the operating system's CSPRNG, as shipped: the seed fixes only the initial model;
 * metric: accuracy at threshold 0.5 of the final model on each hospital's test set, averaged
   over hospitals; seeds 42-46 (model initialisation and shuffling).
 
@@ -39,6 +43,7 @@ method's ratio to pooled training measured in the same run.
     python benchmarks/heart_disease.py                 # 5 seeds, 40 simulator runs: about 45 minutes on 2 shared cores
     python benchmarks/heart_disease.py --quick         # 1 seed, shortened, no plain FedAvg: a smoke test
     python benchmarks/heart_disease.py --json results.json
+    python benchmarks/heart_disease.py --methods dp-sgd  # 5 seeds of the DP-SGD rows (and the centralised baselines)
 """
 
 from __future__ import annotations
@@ -69,6 +74,11 @@ DP_SGD_TARGET_EPSILON, DP_SGD_TARGET_ACCURACY = 1.0, 0.70
 #: a filter's cap on the site's epsilon is the target with this slack (Opacus's search lands just below)
 CAP_SLACK = 1.001
 EPOCHS_CENTRAL = 50
+#: what the job copies' sites return at submit_model (never scored here); "site_only" would train
+#: and charge a second DP-SGD run, which the executor's plan (and this one) would count
+LOCAL_MODEL = "last_round"
+#: the federated methods ``--methods`` selects from; the centralised baselines always run
+METHODS = ("fedavg", "fedyogi", "gaussian-dp", "dp-sgd")
 
 
 def _cases(data_dir: str) -> dict[str, dict]:
@@ -130,12 +140,15 @@ def _dp_sgd_filters(client: dict) -> list[dict]:
 
 
 def _dp_sgd_calibration(train_patients: dict[str, int], rounds: int, epsilon: float) -> dict:
-    """The one noise multiplier z of the DP-SGD job that keeps every site's patients within
-    ``epsilon`` (at ``DP_DELTA``) over the whole job.
+    """The DP-SGD each site of the job copy will run at a per-patient ``epsilon`` (at
+    ``DP_DELTA``): its planned steps and the noise multiplier it solves for them, as the
+    executor does at its first train task, and the floor the filters are set to.
 
     Each site's history is the executor's: per round ``local_steps`` Poisson-sampled steps (or
-    ``local_epochs`` x ceil(1/q)) at q = expected_patients_per_step / N, for ``rounds`` rounds.
-    The site that needs the most noise alone (the largest q: the fewest patients) binds.
+    ``local_epochs`` x ceil(1/q)) at q = expected_patients_per_step / N, for ``rounds`` rounds
+    (twice that with a site-only model). ``single_noise_multiplier`` is the one z that would
+    keep every site within ``epsilon`` (the largest q binds it): the single-z setting this
+    benchmark measured before, for comparison.
     """
     from medflare.privacy.dp_sgd import (
         dp_sgd_epsilon,
@@ -147,17 +160,22 @@ def _dp_sgd_calibration(train_patients: dict[str, int], rounds: int, epsilon: fl
     client = _read_client_config(DP_SGD_JOB)
     args = client["executors"][0]["executor"]["args"]
     accountant = _dp_sgd_filters(client)[-1]["args"].get("accountant", "rdp")
+    runs = 2 if LOCAL_MODEL == "site_only" else 1
     sites = {}
     for site, n in train_patients.items():
         q = patient_sample_rate(args["dp_sgd"]["expected_patients_per_step"], n)
-        steps = rounds * (args.get("local_steps") or args.get("local_epochs", 1) * steps_per_epoch(q))
-        alone = noise_multiplier_for_patient_epsilon(epsilon, DP_DELTA, q, steps, accountant)
-        sites[site] = {"patients": n, "sample_rate": q, "steps": steps, "noise_multiplier_alone": alone}
-    binding = max(sites, key=lambda s: sites[s]["noise_multiplier_alone"])
-    z = sites[binding]["noise_multiplier_alone"]
-    for site in sites.values():
-        site["planned_epsilon"] = dp_sgd_epsilon(z, site["sample_rate"], site["steps"], DP_DELTA, accountant)
-    return {"epsilon": epsilon, "noise_multiplier": z, "binding_site": binding, "accountant": accountant, "sites": sites}
+        steps = rounds * runs * (args.get("local_steps") or args.get("local_epochs", 1) * steps_per_epoch(q))
+        z = noise_multiplier_for_patient_epsilon(epsilon, DP_DELTA, q, steps)  # the executor's solve (RDP)
+        planned = dp_sgd_epsilon(z, q, steps, DP_DELTA, accountant)
+        sites[site] = {"patients": n, "sample_rate": q, "steps": steps, "noise_multiplier": z, "planned_epsilon": planned}
+    smallest = min(site["noise_multiplier"] for site in sites.values())
+    return {
+        "epsilon": epsilon,
+        "accountant": accountant,
+        "sites": sites,
+        "filter_noise_multiplier": math.floor(smallest * 100) / 100,
+        "single_noise_multiplier": max(site["noise_multiplier"] for site in sites.values()),
+    }
 
 
 def _set_gaussian_dp(client: dict, rounds: int, epsilon: float) -> None:
@@ -181,22 +199,27 @@ def _set_gaussian_dp(client: dict, rounds: int, epsilon: float) -> None:
 
 
 def _set_dp_sgd(client: dict, calibration: dict) -> None:
-    """The calibrated z in the executor's ``dp_sgd`` and in both PatientDPSGDFilters (the
-    result filter refuses a record below its own z), the target as the filters' cap on epsilon:
-    a calibration that spent more would be blocked at the site, not reported."""
-    z = calibration["noise_multiplier"]
-    client["executors"][0]["executor"]["args"]["dp_sgd"]["noise_multiplier"] = z
+    """The executor's ``dp_sgd`` as a per-patient target (each site solves its own z), both
+    PatientDPSGDFilters' z at the plan's floor (the result filter refuses a record below it)
+    and the target as their cap on epsilon: a site that spent more would be blocked at the
+    site, not reported."""
+    dp_sgd = client["executors"][0]["executor"]["args"]["dp_sgd"]
+    fixed = dp_sgd.pop("noise_multiplier")
+    dp_sgd.update(target_epsilon=calibration["epsilon"], target_delta=DP_DELTA)
     filters = _dp_sgd_filters(client)
     if len(filters) != 2:
         raise RuntimeError(f"{DP_SGD_JOB} should hold PatientDPSGDFilter as task data and result filter, found {len(filters)}")
+    floor = calibration["filter_noise_multiplier"]
+    if not 0 < floor <= min(site["noise_multiplier"] for site in calibration["sites"].values()):
+        raise RuntimeError(f"the filters' floor z >= {floor} would raise a site's solved z (the job's own was {fixed})")
     for f in filters:
-        f["args"].update(noise_multiplier=z, target_delta=DP_DELTA, max_epsilon=calibration["epsilon"] * CAP_SLACK)
+        f["args"].update(noise_multiplier=floor, target_delta=DP_DELTA, max_epsilon=calibration["epsilon"] * CAP_SLACK)
 
 
 def _job_copy(job: str, dest: str, seed: int, rounds: int, gaussian_epsilon=None, dp_sgd=None) -> str:
     """The shipped job with this seed, ``rounds`` rounds, no cross-site evaluation (the final
     model is scored here), and for Gaussian DP the filter at every site, for DP-SGD the
-    calibrated noise multiplier (``dp_sgd``: a :func:`_dp_sgd_calibration`)."""
+    per-patient target (``dp_sgd``: a :func:`_dp_sgd_calibration`)."""
     from medflare.cli.run_job import set_num_rounds
 
     shutil.copytree(os.path.join(REPO, "jobs", job), dest)
@@ -216,7 +239,7 @@ def _job_copy(job: str, dest: str, seed: int, rounds: int, gaussian_epsilon=None
     args = client["executors"][0]["executor"]["args"]
     args["model"]["args"]["seed"] = seed
     args["seed"] = seed
-    args["local_model"] = "last_round"  # no site-only model: it would train twice and is never scored here
+    args["local_model"] = LOCAL_MODEL  # no site-only model: it would train twice and is never scored here
     if gaussian_epsilon is not None:
         _set_gaussian_dp(client, rounds, gaussian_epsilon)
     if dp_sgd is not None:
@@ -271,16 +294,17 @@ def _dp_sgd_method(epsilon: float) -> str:
     return f"fedavg dp-sgd eps={epsilon:g}"
 
 
-def _federated_runs(seeds, quick: bool, gaussian_epsilons, calibrations: dict) -> list[tuple]:
-    """``(method, job, seed, Gaussian epsilon, DP-SGD calibration)`` of every simulator run."""
+def _federated_runs(seeds, methods, gaussian_epsilons, calibrations: dict) -> list[tuple]:
+    """``(method, job, seed, Gaussian epsilon, DP-SGD calibration)`` of every simulator run of ``methods``."""
     runs = []
     for seed in seeds:
-        if not quick:  # plain FedAvg on these hospitals also runs in tests/integration/test_outcome_jobs_simulator.py
+        if "fedavg" in methods:
             runs.append(("fedavg", "heart_disease_fedavg", seed, None, None))
-        runs.append(("fedyogi", "heart_disease_fedyogi", seed, None, None))
-        for eps in gaussian_epsilons:
+        if "fedyogi" in methods:
+            runs.append(("fedyogi", "heart_disease_fedyogi", seed, None, None))
+        for eps in gaussian_epsilons if "gaussian-dp" in methods else ():
             runs.append((f"fedavg dp eps={eps:g}", "heart_disease_fedavg", seed, eps, None))
-        for eps, calibration in calibrations.items():
+        for eps, calibration in calibrations.items() if "dp-sgd" in methods else ():
             runs.append((_dp_sgd_method(eps), DP_SGD_JOB, seed, None, calibration))
     return runs
 
@@ -320,7 +344,8 @@ def _print_table(rows: dict[str, dict], sites: list[str], seeds, rounds: int) ->
 
 def _dp_sgd_spent(calibration: dict, recorded: list[dict[str, dict]]) -> tuple[dict[str, float], list[str]]:
     """Per site, the largest epsilon recorded over seeds (or the planned one where a record is
-    missing), and the problems found: a missing record, or a history that is not the planned one."""
+    missing), and the problems found: a missing record, or a history (z, q, steps) or epsilon
+    that is not the site's plan."""
     spent, problems = {}, []
     for site, plan in calibration["sites"].items():
         runs = [r.get(site) for r in recorded]
@@ -334,18 +359,21 @@ def _dp_sgd_spent(calibration: dict, recorded: list[dict[str, dict]]) -> tuple[d
                 problems.append(
                     f"{site}: recorded {r['steps']} steps at q={r['sample_rate']:.4g}, planned {plan['steps']} at q={plan['sample_rate']:.4g}"
                 )
-            if not math.isclose(r["noise_multiplier"], calibration["noise_multiplier"], rel_tol=1e-9):
-                problems.append(f"{site}: recorded z={r['noise_multiplier']:.6g}, set {calibration['noise_multiplier']:.6g}")
+            if not math.isclose(r["noise_multiplier"], plan["noise_multiplier"], rel_tol=1e-9):
+                problems.append(f"{site}: recorded z={r['noise_multiplier']:.6g}, planned {plan['noise_multiplier']:.6g}")
+            if not math.isclose(r["epsilon_run"], plan["planned_epsilon"], rel_tol=1e-6):
+                problems.append(f"{site}: recorded epsilon {r['epsilon_run']:.6g}, planned {plan['planned_epsilon']:.6g}")
     return spent, problems
 
 
 def _print_dp_sgd(calibrations: dict, recorded: dict[float, list], rows: dict[str, dict], sites: list[str]) -> list[str]:
-    """The DP-SGD calibration, the epsilon each site spent and the issue's target; the problems found."""
+    """The DP-SGD plan, the z each site solved and the epsilon it spent, and the issue's target; the problems found."""
     if not calibrations:
         return []
     first = next(iter(calibrations.values()))
-    print(f"\nFedAvg + DP-SGD, per patient at delta {DP_DELTA:g} ({first['accountant']}): one z per target, set in the")
-    print("executor and both PatientDPSGDFilters; epsilon spent as each site's filter recorded it (largest over seeds)")
+    print(f"\nFedAvg + DP-SGD, per patient at delta {DP_DELTA:g} ({first['accountant']}): the executor's dp_sgd gives")
+    print("target_epsilon and each site solves its own z for its q and the planned steps; epsilon spent as each")
+    print("site's filter recorded it (largest over seeds)")
     print(f"{'':<30}" + " ".join(f"{s:>8}" for s in sites))
     print(f"{'training patients N':<30}" + " ".join(f"{first['sites'][s]['patients']:>8d}" for s in sites))
     print(f"{'sample rate q':<30}" + " ".join(f"{first['sites'][s]['sample_rate']:>8.4f}" for s in sites))
@@ -354,8 +382,12 @@ def _print_dp_sgd(calibrations: dict, recorded: dict[float, list], rows: dict[st
     for eps, calibration in calibrations.items():
         spent, found = _dp_sgd_spent(calibration, recorded.get(eps, []))
         problems += [f"eps={eps:g} {p}" for p in found]
-        label = f"eps={eps:g}: z={calibration['noise_multiplier']:.4f}, binds {calibration['binding_site']}"
-        print(f"{label:<30}" + " ".join(f"{spent[s]:>8.3f}" for s in sites))
+        print(f"{f'eps={eps:g}: z solved':<30}" + " ".join(f"{calibration['sites'][s]['noise_multiplier']:>8.4f}" for s in sites))
+        print(f"{f'eps={eps:g}: epsilon spent':<30}" + " ".join(f"{spent[s]:>8.3f}" for s in sites))
+        print(
+            f"{'':<30}filters' floor z >= {calibration['filter_noise_multiplier']:g}; one z for all sites would be "
+            f"{calibration['single_noise_multiplier']:.4f}"
+        )
     for p in problems:
         print(f"  PROBLEM: {p}")
     method = _dp_sgd_method(DP_SGD_TARGET_EPSILON)
@@ -376,6 +408,10 @@ def main(argv=None) -> int:
         "--quick", action="store_true",
         help="one seed, 2 rounds, 5 epochs, FedYogi, Gaussian DP and DP-SGD at epsilon 10 only: a smoke test",
     )
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=None,
+        help="federated methods to run (default all; with --quick all but fedavg); local and pooled always run",
+    )
     parser.add_argument("--parallel", type=int, default=None, help="simulator runs at a time (default 2; 3 with --quick)")
     parser.add_argument("--workspace", default=None, help="where data and runs go (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="write every number to this file")
@@ -386,6 +422,10 @@ def main(argv=None) -> int:
     epsilons = (10.0,) if args.quick else DP_EPSILONS
     dp_sgd_epsilons = (10.0,) if args.quick else DP_SGD_EPSILONS
     parallel = args.parallel or (3 if args.quick else 2)
+    # plain FedAvg on these hospitals also runs in tests/integration/test_outcome_jobs_simulator.py
+    methods = args.methods or [m for m in METHODS if not (args.quick and m == "fedavg")]
+    if "dp-sgd" not in methods:
+        dp_sgd_epsilons = ()
 
     from medflare.data.heart_disease import write_heart_sites
 
@@ -409,7 +449,7 @@ def main(argv=None) -> int:
     central_seconds = time.time() - started
     print(f"local and pooled training, {len(seeds)} seed(s): {central_seconds:.0f} s", flush=True)
 
-    runs = _federated_runs(seeds, args.quick, epsilons, calibrations)
+    runs = _federated_runs(seeds, methods, epsilons, calibrations)
     jobs_dir = os.path.join(workspace, "jobs")
     os.makedirs(jobs_dir, exist_ok=True)
     federated_seconds = []
@@ -441,6 +481,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(
                 {"seeds": seeds, "rounds": rounds, "epochs_central": epochs, "flamby": FLAMBY, "methods": rows,
+                 "federated_methods": methods,
                  "dp": {"clipping_norm": DP_CLIPPING_NORM, "delta": DP_DELTA, "epsilons": list(epsilons)},
                  "dp_sgd": {"job": DP_SGD_JOB, "delta": DP_DELTA, "calibrations": dp_sgd, "problems": problems,
                             "target": {"epsilon": DP_SGD_TARGET_EPSILON, "accuracy": DP_SGD_TARGET_ACCURACY}}},

@@ -38,15 +38,19 @@ def test_benchmark_quick_run(tmp_path, script, expected):
             results["methods"]
         )
         assert all(0.0 <= m["mean"] <= 1.0 for m in results["methods"].values())
-        # one z for all sites, bound by the site with the fewest patients; every site's filter
-        # recorded the planned history and spent at most the target per patient
+        # each site solved its own z for the target (the executor's dp_sgd.target_epsilon) over the
+        # planned steps: its filter recorded the planned history and every site's patients spent
+        # the target (Opacus's tolerance: within 0.01 below it), never above
         dp_sgd = results["dp_sgd"]["calibrations"]["10"]
-        assert dp_sgd["binding_site"] == "site-3" and results["dp_sgd"]["problems"] == []
+        assert results["dp_sgd"]["problems"] == []
         (recorded,) = dp_sgd["recorded"]
         assert set(recorded) == set(dp_sgd["sites"])
         for site, record in recorded.items():
-            assert record["steps"] == dp_sgd["sites"][site]["steps"] == 20
-            assert record["noise_multiplier"] == dp_sgd["noise_multiplier"]
-            assert 0.0 < record["epsilon_run"] <= 10.0
-        assert recorded["site-3"]["epsilon_run"] > 9.9 > max(r["epsilon_run"] for s, r in recorded.items() if s != "site-3")
+            plan = dp_sgd["sites"][site]
+            assert record["steps"] == plan["steps"] == 20
+            assert record["noise_multiplier"] == plan["noise_multiplier"] >= dp_sgd["filter_noise_multiplier"]
+            assert 9.99 - 1e-9 <= record["epsilon_run"] <= 10.0, (site, record)
+        z = {site: plan["noise_multiplier"] for site, plan in dp_sgd["sites"].items()}
+        # the fewest patients (Switzerland, site-3) need the most noise: what one z for all would have been
+        assert max(z, key=z.get) == "site-3" and z["site-3"] == dp_sgd["single_noise_multiplier"] > min(z.values())
         assert "target (issue 12): FedAvg + DP-SGD at per-patient eps=1" in done.stdout
