@@ -8,7 +8,9 @@ this filter does, is:
 1. **On the way in** (as a ``task_data_filter``): put the site's requirement in the train task's
    header :data:`medflare.wire_contract.DP_SGD_REQUIRED` (the least noise multiplier, the
    largest clipping norm). The executor trains with at least that noise and at most that norm,
-   whatever the job asks; a job may ask for more noise, never less.
+   whatever the job asks; a job may ask for more noise, never less. A requirement already on
+   the task (the site's filter runs before a job's copy) is only tightened: the larger z, the
+   smaller C.
 2. **On the way out** (as a ``task_result_filter``): release a model result only when it carries
    a DP-SGD record (:data:`medflare.wire_contract.DP_SGD`) that meets the requirement, and only
    after charging the record's ``(noise_multiplier, sample_rate, steps)`` to the site's ledger
@@ -57,6 +59,7 @@ from nvflare.apis.shareable import Shareable
 from medflare.filters.fail_closed_filter import FailClosedDXOFilter
 from medflare.privacy.accounting import check_accountant, epsilon_of_history
 from medflare.privacy.argument_checks import check_real
+from medflare.privacy.dp_sgd import parse_dp_sgd_requirement
 from medflare.filters.site_ledger import release_cap, reserve_release
 from medflare.privacy.update_checks import (
     UnsafeUpdateError,
@@ -126,12 +129,28 @@ class PatientDPSGDFilter(FailClosedDXOFilter):
         """What the executor is told (the header :data:`medflare.wire_contract.DP_SGD_REQUIRED`)."""
         return {"noise_multiplier": float(self.noise_multiplier), "max_grad_norm": float(self.max_grad_norm)}
 
+    def _strictest(self, existing) -> dict:
+        """This filter's requirement combined with one already on the task: the larger z and the
+        smaller C. A site's filter runs before a job's, so a job's copy can only tighten the
+        site's requirement, never replace it; a header the server wrote can only tighten it too,
+        and a malformed one is replaced."""
+        mine = self.requirement
+        try:
+            earlier = parse_dp_sgd_requirement(existing)
+        except (TypeError, ValueError):
+            return mine
+        if earlier is None:
+            return mine
+        return {
+            "noise_multiplier": max(mine["noise_multiplier"], float(earlier.noise_multiplier)),
+            "max_grad_norm": min(mine["max_grad_norm"], float(earlier.max_grad_norm)),
+        }
+
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         if fl_ctx.get_prop(FLContextKey.FILTER_DIRECTION) == FilterKey.IN:
             if not isinstance(shareable, Shareable):
                 self._refuse(fl_ctx, f"{type(self).__name__}: the task is a {type(shareable).__name__}, not a Shareable")
-            # the site's requirement overwrites whatever the server put there: it cannot weaken it
-            shareable.set_header(DP_SGD_REQUIRED, self.requirement)
+            shareable.set_header(DP_SGD_REQUIRED, self._strictest(shareable.get_header(DP_SGD_REQUIRED)))
             return shareable
         return super().process(shareable, fl_ctx)
 

@@ -61,6 +61,29 @@ def test_on_the_way_in_it_tells_the_executor_what_the_site_requires(local):
     assert out.get_header(DP_SGD_REQUIRED) == {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
 
 
+@pytest.mark.parametrize(
+    "site, job, told",
+    [
+        ((1.0, 1.0), (1.5, 2.0), (1.5, 1.0)),  # the job's copy asks for more noise: kept
+        ((1.0, 1.0), (0.5, 0.5), (1.0, 0.5)),  # ... for a smaller norm: kept, the site's z stays
+        ((2.0, 0.5), (1.0, 1.0), (2.0, 0.5)),  # a weaker job copy cannot replace the site's
+    ],
+)
+def test_a_second_filter_on_the_way_in_only_tightens_the_first(local, site, job, told):
+    task = DXO(data_kind=DataKind.WEIGHTS, data={"w": np.zeros(2, np.float32)}).to_shareable()
+    for z, c in (site, job):  # the site's scope runs first, then the job's own filter
+        task = _filter(noise_multiplier=z, max_grad_norm=c).process(task, _ctx(local, FilterKey.IN))
+    assert task.get_header(DP_SGD_REQUIRED) == {"noise_multiplier": told[0], "max_grad_norm": told[1]}
+
+
+@pytest.mark.parametrize("header", ["z=0", {"noise_multiplier": -1, "max_grad_norm": 1}, {"noise_multiplier": 0.1}, 7])
+def test_a_malformed_requirement_on_the_task_is_replaced_by_the_sites(local, header):
+    task = DXO(data_kind=DataKind.WEIGHTS, data={"w": np.zeros(2, np.float32)}).to_shareable()
+    task.set_header(DP_SGD_REQUIRED, header)
+    out = _filter().process(task, _ctx(local, FilterKey.IN))
+    assert out.get_header(DP_SGD_REQUIRED) == {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
+
+
 def test_a_result_meeting_the_requirement_is_charged_then_released(local):
     f = _filter(noise_multiplier=1.1)
     out = from_shareable(f.process(_result(_record()), _ctx(local)))
