@@ -87,7 +87,8 @@ class FrontierConfig:
     dp_sgd_epsilons: tuple = (1.0, 4.0, 8.0)
 
 
-FULL = FrontierConfig(sites=6, cases_per_site=12, size=32, rounds=12, local_epochs=1, seeds=(0, 1, 2))
+#: the full run (`make bench-frontier`): 45 runs, about 33 minutes on 2 cores (measured 2026-12-01)
+FULL = FrontierConfig(sites=6, cases_per_site=8, size=32, rounds=8, local_epochs=1, seeds=(0, 1, 2))
 QUICK = FrontierConfig(
     sites=3, cases_per_site=4, size=16, rounds=2, local_epochs=1, seeds=(0,),
     fractions=(1.0, 0.1), gaussian_epsilons=(30.0,), dp_sgd_epsilons=(8.0,),
@@ -267,6 +268,28 @@ def run_one(config: FrontierConfig, row: Row, seed: int, data_configs: dict, pla
     return out
 
 
+def run_key(config: FrontierConfig, row: Row, seed: int) -> str:
+    """What determines one run's result: the config without its seed list, the row and the seed."""
+    settings = {k: v for k, v in asdict(config).items() if k != "seeds"}
+    return json.dumps({"config": settings, "row": row.label, "seed": seed}, sort_keys=True)
+
+
+def load_finished(path: str) -> dict:
+    """Runs already in ``path`` (one JSON object per line, each with its ``key``); a torn last
+    line (an interrupted run) is ignored."""
+    finished = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    run = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(run, dict) and "key" in run:
+                    finished[run["key"]] = run
+    return finished
+
+
 def _init_worker():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import logging
@@ -383,7 +406,7 @@ def plot(config: FrontierConfig, runs: list[dict], out_dir: str) -> list[str]:
     ax.set_xlabel("fraction of each update shared (%)")
     ax.set_ylabel("mean Dice (pooled validation)")
     ax.set_title(f"{config.sites} BraTS-layout sites, {len(config.seeds)} seeds")
-    ax.legend()
+    ax.legend(loc="center right", fontsize=8, framealpha=0.9)
     paths.append(os.path.join(out_dir, "dice_vs_fraction_shared.png"))
     fig.tight_layout()
     fig.savefig(paths[-1], dpi=120)
@@ -399,7 +422,7 @@ def plot(config: FrontierConfig, runs: list[dict], out_dir: str) -> list[str]:
     ax.set_xlabel("epsilon at delta 1e-5 (unit of privacy in the legend)")
     ax.set_ylabel("mean Dice (pooled validation)")
     ax.set_title(f"{config.sites} BraTS-layout sites, {len(config.seeds)} seeds")
-    ax.legend()
+    ax.legend(loc="center right", fontsize=8, framealpha=0.9)
     paths.append(os.path.join(out_dir, "dice_vs_epsilon.png"))
     fig.tight_layout()
     fig.savefig(paths[-1], dpi=120)
@@ -418,6 +441,7 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="runs at a time (one thread each)")
     parser.add_argument("--out", default=os.path.join("workspace", "bench_frontier"), help="folder for data, JSON and PNGs")
     parser.add_argument("--json", help="also write every run here")
+    parser.add_argument("--fresh", action="store_true", help="rerun every run (default: keep the runs of the same settings already in OUT/runs.jsonl)")
     args = parser.parse_args(argv)
 
     from dataclasses import replace
@@ -445,13 +469,28 @@ def main(argv=None) -> int:
     cost = {"dp_sgd": 3, "site_alone": 1, "centralized": 1}
     work = sorted(((row, seed) for row in rows for seed in config.seeds), key=lambda rs: -cost.get(rs[0].kind, 1))
     start = time.perf_counter()
+    runs_path = os.path.join(args.out, "runs.jsonl")
+    finished = {} if args.fresh else load_finished(runs_path)
     runs = []
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-        futures = {pool.submit(run_one, config, row, seed, data_configs, plans.get(row.value) if row.kind == "dp_sgd" else None): (row, seed) for row, seed in work}
+    for row, seed in list(work):
+        key = run_key(config, row, seed)
+        if key in finished:
+            runs.append(finished[key])
+            work.remove((row, seed))
+            print(f"  {row.label:<28} seed {seed}: mean Dice {finished[key]['dice']['mean']:.3f} (kept from {runs_path})")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool, open(
+        runs_path, "a"
+    ) as log:
+        futures = {
+            pool.submit(run_one, config, row, seed, data_configs, plans.get(row.value) if row.kind == "dp_sgd" else None): (row, seed)
+            for row, seed in work
+        }
         for future in as_completed(futures):
             row, seed = futures[future]
             run = future.result()
             runs.append(run)
+            log.write(json.dumps({"key": run_key(config, row, seed), **run}) + "\n")
+            log.flush()
             print(f"  {row.label:<28} seed {seed}: mean Dice {run['dice']['mean']:.3f} ({run['seconds']:.0f} s)", flush=True)
     wall = time.perf_counter() - start
 
