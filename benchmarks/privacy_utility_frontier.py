@@ -160,25 +160,23 @@ def _dice(scores: dict) -> dict:
     return {r: scores[f"dice_{r}"] for r in REGIONS} | {"mean": scores["dice_mean"]}
 
 
-def _subtract(after: dict, before: dict) -> dict:
-    return {k: after[k] - before[k] for k in after}
-
-
 def dp_sgd_plan(config: FrontierConfig, epsilon: float, sizes: dict) -> dict:
     """Per site: ``(noise multiplier, q, steps)`` that spend ``epsilon`` per patient over the run.
 
     q = m / N with m the batch size and N the site's training patients; steps = R e ceil(1/q),
-    what ``SegmentationTrainer.train(epochs=e)`` takes per round. Sites of equal size share one
-    calibration (Opacus's ``get_noise_multiplier``, a few seconds each).
+    what ``SegmentationTrainer.train(epochs=e)`` takes per round. The noise multiplier is what an
+    executor given ``dp_sgd.target_epsilon`` solves (:func:`medflare.privacy.dp_sgd.settings_for_target`);
+    sites of equal size share one calibration (Opacus's ``get_noise_multiplier``, a few seconds each).
     """
-    from medflare.privacy.dp_sgd import noise_multiplier_for_patient_epsilon, patient_sample_rate, steps_per_epoch
+    from medflare.privacy.dp_sgd import DPSGDTarget, patient_sample_rate, settings_for_target, steps_per_epoch
 
+    target = DPSGDTarget(epsilon, config.max_grad_norm, config.batch_size, target_delta=DELTA)
     plan, cache = {}, {}
     for site, n in sorted(sizes.items()):
         q = patient_sample_rate(config.batch_size, n)
         steps = config.rounds * config.local_epochs * steps_per_epoch(q)
         if (q, steps) not in cache:
-            cache[(q, steps)] = noise_multiplier_for_patient_epsilon(epsilon, DELTA, q, steps)
+            cache[(q, steps)] = settings_for_target(target, q, steps).noise_multiplier
         plan[site] = (cache[(q, steps)], q, steps)
     return plan
 
@@ -238,7 +236,7 @@ def run_one(config: FrontierConfig, row: Row, seed: int, data_configs: dict, pla
                 trainer.set_weights(global_weights)
                 result = trainer.train(epochs=config.local_epochs)
                 steps[site] += result.steps
-                update = _subtract(trainer.get_weights(), global_weights)
+                update = trainer.weight_diff(trainer.get_weights(), global_weights)
                 norms.append(l2_norm(update))
                 if row.kind == "sharing":
                     update, _ = share_largest_fraction(update, row.value, None)

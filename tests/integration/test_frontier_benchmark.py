@@ -80,3 +80,22 @@ def test_ratios_are_taken_against_the_same_seeds_baseline_and_targets_are_judged
     assert lines[1].startswith("PASS  sharing 10%: 0.950x")
     assert lines[2].startswith("FAIL  DP-SGD, patient eps 8: 0.600x non-private FedAvg")
     assert "| FedAvg | 0.630 ± 0.184 |" in table
+
+
+def test_a_rerun_keeps_only_finished_runs_of_the_same_settings(tmp_path):
+    row = frontier.Row("sharing", 0.1)
+    key = frontier.run_key(frontier.QUICK, row, 0)
+    assert key != frontier.run_key(frontier.QUICK, row, 1)
+    from dataclasses import replace
+
+    assert key != frontier.run_key(replace(frontier.QUICK, learning_rate=0.01), row, 0)
+    assert key == frontier.run_key(replace(frontier.QUICK, seeds=(0, 1, 2)), row, 0)  # the seed list is not a setting
+    path = tmp_path / "runs.jsonl"
+    path.write_text(
+        json.dumps({"key": key, "row": row.label, "dice": {"mean": 0.4}}) + "\n"
+        + "[1, 2]\n"  # not a run
+        + json.dumps({"row": "no key"}) + "\n"
+        + '{"key": "torn'  # an interrupted write
+    )
+    assert list(frontier.load_finished(str(path))) == [key]
+    assert frontier.load_finished(str(tmp_path / "absent.jsonl")) == {}
