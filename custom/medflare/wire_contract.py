@@ -129,7 +129,10 @@ def _integer(low: int = 0) -> Callable:
     return check
 
 
-def _real(low: Optional[float] = None, allow_nan: bool = False, allow_none: bool = False) -> Callable:
+def _real(low: Optional[float] = None, allow_nan: bool = False, allow_none: bool = False, above: bool = False) -> Callable:
+    """A finite real number, at least ``low`` (greater than ``low`` with ``above``)."""
+    bound = f" > {low}" if above else f" >= {low}"
+
     def check(where: str, value):
         if value is None and allow_none:
             return None
@@ -140,11 +143,11 @@ def _real(low: Optional[float] = None, allow_nan: bool = False, allow_none: bool
             if allow_nan:
                 return value
             _fail(f"{where} must not be NaN")
-        if math.isinf(value) or (low is not None and value < low):
-            _fail(f"{where} must be a finite number{f' >= {low}' if low is not None else ''}, got {value!r}")
+        if math.isinf(value) or (low is not None and (value <= low if above else value < low)):
+            _fail(f"{where} must be a finite number{bound if low is not None else ''}, got {value!r}")
         return value
 
-    check.describe = "real" + (f" >= {low}" if low is not None else "") + (" or null" if allow_none else "")
+    check.describe = "real" + (bound if low is not None else "") + (" or null" if allow_none else "")
     return check
 
 
@@ -285,9 +288,9 @@ _GAUSSIAN_RECORD = _record(
 DP_SGD_RECORD = _record(
     mechanism=_one_of("dp_sgd"),
     neighbouring_relation=_one_of("add/remove one patient"),
-    noise_multiplier=_real(0.0),
-    max_grad_norm=_real(0.0),
-    sample_rate=_real(0.0),
+    noise_multiplier=_real(0.0, above=True),
+    max_grad_norm=_real(0.0, above=True),  # C = 0 would make the noise z C zero: no record of DP-SGD
+    sample_rate=_real(0.0, above=True),
     steps=_integer(1),
     secure_noise=_optional(_boolean),
     delta=_optional(_real(0.0)),
