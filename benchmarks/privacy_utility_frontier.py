@@ -445,12 +445,16 @@ def main(argv=None) -> int:
     from dataclasses import replace
 
     config = QUICK if args.quick else FULL
-    if args.seeds:
+    if args.seeds is not None:
         config = replace(config, seeds=tuple(args.seeds))
-    if args.sites:
+    if args.sites is not None:
         config = replace(config, sites=args.sites)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if config.sites < 2:
+        parser.error(f"--sites must be >= 2 (a federation to compare with centralized training), got {config.sites}")
+    if any(seed < 0 for seed in config.seeds) or len(set(config.seeds)) != len(config.seeds):
+        parser.error(f"--seeds must be distinct ints >= 0, got {list(config.seeds)}")
 
     from medflare.data.brats_synthetic import generate_sites
 

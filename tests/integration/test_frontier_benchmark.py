@@ -99,3 +99,21 @@ def test_a_rerun_keeps_only_finished_runs_of_the_same_settings(tmp_path):
     )
     assert list(frontier.load_finished(str(path))) == [key]
     assert frontier.load_finished(str(tmp_path / "absent.jsonl")) == {}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sites", "0"], "--sites must be >= 2"),
+        (["--sites", "1"], "--sites must be >= 2"),
+        (["--seeds", "-1"], "--seeds must be distinct ints >= 0"),
+        (["--seeds", "3", "3"], "--seeds must be distinct ints >= 0"),
+        (["--jobs", "0"], "--jobs must be >= 1"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_data_or_run(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        frontier.main(["--quick", "--out", str(tmp_path / "out")] + argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
