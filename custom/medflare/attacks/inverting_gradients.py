@@ -19,7 +19,10 @@ from medflare.attacks.gradient_matching import cosine_matching_loss, observed_gr
 from medflare.privacy.argument_checks import check_int, check_real
 from medflare.training.device import select_device
 
-__all__ = ["InversionSettings", "Inversion", "invert_gradients", "LOSSES", "MODEL_MODES"]
+__all__ = ["InversionSettings", "Inversion", "invert_gradients", "LOSSES", "MODEL_MODES", "GRADIENT_TRANSFORMS"]
+
+#: how the site's optimizer turned its gradient into the update (see :func:`invert_gradients`)
+GRADIENT_TRANSFORMS = ("none", "adam_step")
 
 #: the site's training loss, by name (or pass a callable ``loss(logits, labels)``)
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -158,6 +161,7 @@ def invert_gradients(
     data_range: tuple = (0.0, 1.0),
     settings: InversionSettings = InversionSettings(),
     device: str = "auto",
+    gradient_transform: str = "none",
 ) -> Inversion:
     """Reconstruct the input batch behind an observed update by cosine gradient matching.
 
@@ -183,6 +187,11 @@ def invert_gradients(
         data_range: ``(low, high)`` of the pixel values: the box the reconstruction is kept in.
         settings: iterations, step size, prior weight, restarts (:class:`InversionSettings`).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        gradient_transform: one of :data:`GRADIENT_TRANSFORMS`: ``"none"``, or ``"adam_step"``
+            when the site's optimizer is Adam: its first step moves each weight by
+            ``eta * g / (|g| + 1e-8)``, about ``eta * sign(g)``, so ``-Delta / eta`` is the sign of
+            the gradient and the trial gradient is matched through the soft sign
+            ``g' / (|g'| + tau)``, ``tau = 0.1 mean|g'|`` per tensor (a differentiable stand-in).
 
     Returns:
         :class:`Inversion`: the reconstruction and its final matching loss.
@@ -224,6 +233,8 @@ def invert_gradients(
     if not isinstance(settings, InversionSettings):
         raise TypeError(f"settings must be an InversionSettings, got {type(settings).__name__}")
     shape, low, high = _check_shape_and_range(input_shape, data_range)
+    if gradient_transform not in GRADIENT_TRANSFORMS:
+        raise ValueError(f"gradient_transform must be one of {list(GRADIENT_TRANSFORMS)}, got {gradient_transform!r}")
     loss_fn = LOSSES.get(loss) if isinstance(loss, str) else loss
     if not callable(loss_fn):
         raise ValueError(f"loss must be one of {list(LOSSES)} or a callable, got {loss!r}")
@@ -250,6 +261,8 @@ def invert_gradients(
     def matching(x: torch.Tensor, create_graph: bool) -> torch.Tensor:
         task_loss = loss_fn(_forward(twin, x, extras), labels)
         trial = torch.autograd.grad(task_loss, params, create_graph=create_graph)
+        if gradient_transform == "adam_step":
+            trial = [g / (g.abs() + 0.1 * g.detach().abs().mean() + 1e-12) for g in trial]
         return cosine_matching_loss(trial, targets, masks)
 
     generator = torch.Generator().manual_seed(settings.seed)

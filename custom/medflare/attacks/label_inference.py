@@ -15,7 +15,7 @@ import torch
 from medflare.attacks.gradient_matching import UPDATE_KINDS
 from medflare.privacy.argument_checks import check_int
 
-__all__ = ["ACTIVATIONS", "LabelInference", "infer_labels", "label_presence", "label_accuracy"]
+__all__ = ["ACTIVATIONS", "LabelInference", "infer_labels", "label_presence", "label_accuracy", "infer_regions_dice"]
 
 #: the output layer's activation in the site's loss: a sigmoid per output (binary or multi-label,
 #: BCE) or a softmax over classes (cross-entropy)
@@ -146,3 +146,30 @@ def label_accuracy(predicted: Union[LabelInference, ArrayLike], truth: ArrayLike
     if guess.shape != real.shape or guess.ndim != 1:
         raise ValueError(f"predicted and truth must both be (K,), got {guess.shape} and {real.shape}")
     return float((guess == real).mean())
+
+
+def infer_regions_dice(output_update: ArrayLike) -> LabelInference:
+    """Which output channels (tumour regions) a segmentation batch held, under a Dice loss.
+
+    Args:
+        output_update: the segmentation head's bias update ``(K,)`` (or its weight update, whose
+            leading axis is the channel), a gradient or a weight difference.
+
+    Notes:
+        MONAI's ``DiceLoss(sigmoid=True, smooth_nr=0, batch=True)``, as the segmentation trainer
+        uses, is per channel ``1 - 2 sum(p y) / (sum(p^2) + sum(y^2) + eps)``. For a channel with
+        no foreground voxel in the whole batch (``y = 0``) the numerator is 0 for every ``p``, so
+        the loss is constant and every gradient of that channel's logits is exactly 0; its output
+        bias and weights do not move under SGD or Adam (whose first moment stays 0). A channel that
+        moved was present; one that did not was absent, or withheld (partial sharing sends it as
+        0), or present but already perfectly segmented. DP-SGD's noise moves every channel.
+
+    Raises:
+        ValueError: a tensor of rank 0 or non-finite values.
+    """
+    array = _as_array("output_update", output_update)
+    if array.ndim < 1 or array.shape[0] == 0:
+        raise ValueError(f"output_update must have a channel axis, got shape {array.shape}")
+    moved = (array != 0) if array.ndim == 1 else (array.reshape(array.shape[0], -1) != 0).any(axis=1)
+    signal = array if array.ndim == 1 else array.reshape(array.shape[0], -1).sum(axis=1)
+    return LabelInference(moved, moved, signal)

@@ -8,6 +8,7 @@
     medflare budget acknowledge SITE_DIR --reason TEXT
     medflare site profiles | install --workspace DIR [--profile P --data D] | show --workspace DIR
     medflare report PATH [--metric auc] [--global-model best|final|KEY] [--out DIR]
+    medflare audit --workspace SITE_DIR --job JOB_DIR [--scope S | --all-scopes] [--cases N] ...
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from medflare.cli.audit import add_audit_parser
 from medflare.cli.report import add_report_parser
 from medflare.cli.site import add_site_parser
 
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     ack.add_argument("--reason", required=True, help="what you found and did; recorded in the ledger")
     add_site_parser(sub)
     add_report_parser(sub)
+    add_audit_parser(sub)
     return parser
 
 
@@ -158,14 +161,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from medflare.data.brats_layout import DataListError
 
     args = build_parser().parse_args(argv)
+    from medflare.audit.scratch_site import AuditError
+    from medflare.cli.audit import run_audit_command
     from medflare.cli.report import run_report_command
     from medflare.cli.site import run_site_command
     from medflare.sites.site_install import InstallError
 
-    handlers = {"data": _data, "run": _run, "budget": _budget, "site": run_site_command, "report": run_report_command}
+    handlers = {"data": _data, "run": _run, "budget": _budget, "site": run_site_command, "report": run_report_command, "audit": run_audit_command}
     try:
         return handlers[args.command](args)
-    except (JobRunError, DataListError, InstallError, ValueError) as e:
+    except (JobRunError, DataListError, InstallError, AuditError, ValueError) as e:
         print(f"medflare {args.command}: error: {e}", file=sys.stderr)
         return 2
 
