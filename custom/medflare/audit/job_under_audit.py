@@ -56,7 +56,7 @@ def _read_config(path: str) -> dict:
     return config
 
 
-def _app_config_dir(job_dir: str) -> str:
+def _app_config_dir(job_dir: str) -> tuple[str, dict]:
     meta_path = os.path.join(job_dir, "meta.json")
     try:
         with open(meta_path) as f:
@@ -65,6 +65,8 @@ def _app_config_dir(job_dir: str) -> str:
         raise AuditError(f"--job {job_dir}: no meta.json; give a job folder such as jobs/cxr_emr_fedavg") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AuditError(f"{meta_path}: cannot read: {e}") from None
+    if not isinstance(meta, dict):
+        raise AuditError(f"{meta_path}: must be a JSON object")
     apps = list((meta.get("deploy_map") or {"app": []}).keys()) if isinstance(meta, dict) else []
     for app in apps or ["app"]:
         folder = os.path.join(job_dir, app)
@@ -74,7 +76,7 @@ def _app_config_dir(job_dir: str) -> str:
                     f"{folder}/custom: the job brings its own code; an audit runs only code installed at the "
                     f"site (install the package, then remove custom/ from the copy you audit)"
                 )
-            return os.path.join(folder, "config")
+            return os.path.join(folder, "config"), meta
     raise AuditError(f"--job {job_dir}: no app with config/config_fed_client.json (deploy_map {apps})")
 
 
@@ -128,7 +130,8 @@ class JobUnderAudit:
             raise AuditError(f"job {self.name}: its executor cannot be built: {e}") from None
 
     def build_filters(self) -> dict:
-        """The job's own filters as the client holds them: ``{"train#in": [...], "train#out": [...]}``."""
+        """The job's own filters as the client holds them: ``{"train/in": [...], "train/out": [...]}``
+        (``FilterKey.DELIMITER``)."""
         table = {}
         for chain, direction in (("task_data_filters", FilterKey.IN), ("task_result_filters", FilterKey.OUT)):
             for entry in self.client_config.get(chain, []) or []:
@@ -170,9 +173,7 @@ def load_job(job_dir: str) -> JobUnderAudit:
     if not isinstance(job_dir, str) or not os.path.isdir(job_dir):
         raise AuditError(f"--job {job_dir!r}: not a folder (give a job folder such as jobs/cxr_emr_fedavg)")
     job_dir = os.path.abspath(job_dir)
-    with open(os.path.join(job_dir, "meta.json")) as f:
-        meta = json.load(f) if os.path.getsize(os.path.join(job_dir, "meta.json")) else {}
-    config_dir = _app_config_dir(job_dir)
+    config_dir, meta = _app_config_dir(job_dir)
     client = _read_config(os.path.join(config_dir, "config_fed_client.json"))
     executor = None
     for entry in client.get("executors", []) or []:

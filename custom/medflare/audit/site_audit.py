@@ -7,7 +7,8 @@ by NVFlare from the site's policy, against a scratch copy of the ledger:
 :mod:`medflare.attacks` are run on what left:
 
 * **worst case**: one step on one patient (the job's executor with ``batch_size=1``,
-  ``local_steps=1`` on a one-case datalist), for ``cases`` patients;
+  ``local_steps=1`` on a one-case datalist; a segmentation job takes one step of one crop of the
+  whole volume, ``roi_size`` = the volume's shape unless the job resamples), for ``cases`` patients;
 * **as configured**: the job's executor unchanged on all the site's training cases (its local
   epochs or steps, batch size and optimizer); the attacker inverts it as one batch of
   ``min(batch_size, 4)`` images, each scored against its most similar training case.
@@ -41,7 +42,7 @@ import torch
 
 from nvflare.apis.dxo import from_shareable
 from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import FilterKey, ReturnCode
 from nvflare.apis.signal import Signal
 
 from medflare.audit.filter_round_trip import RoundTrip, train_round_trip, weights_task
@@ -132,8 +133,9 @@ class SiteCases:
     images: Optional[torch.Tensor]  # (N, 1, H, W) in [0, 1], or None for a table-only model
     clinical: Optional[torch.Tensor]
     labels: torch.Tensor  # (N, K)
-    rows: list = field(default_factory=list)  # the CSV rows, for one-case datalists
+    rows: list = field(default_factory=list)  # the CSV rows (datalist items), for one-case datalists
     header: list = field(default_factory=list)
+    shapes: list = field(default_factory=list)  # a segmentation case's volume shape
 
     @property
     def train_indices(self) -> list:
@@ -179,12 +181,15 @@ def _segmentation_cases(datalist: str, data_root: str) -> SiteCases:
     with open(datalist) as f:
         content = json.load(f)
     regions = ConvertToMultiChannelBasedOnBratsClasses()
-    labels = []
+    labels, shapes = [], []
     for item in training:
         volume = np.asarray(nib.load(item["label"]).dataobj)
         labels.append([bool(np.asarray(c).any()) for c in regions(volume)])
+        shapes.append([int(n) for n in volume.shape[:3]])
     ids = [str(item.get("subject", os.path.basename(item["label"]))) for item in content["training"]]
-    return SiteCases(ids, ["train"] * len(ids), None, None, torch.tensor(labels, dtype=torch.float32), list(content["training"]), [json.dumps({k: v for k, v in content.items() if k not in ("training",)})])
+    cases = SiteCases(ids, ["train"] * len(ids), None, None, torch.tensor(labels, dtype=torch.float32), list(content["training"]), [json.dumps({k: v for k, v in content.items() if k not in ("training",)})])
+    cases.shapes = shapes
+    return cases
 
 
 def _one_case_datalist(cases: SiteCases, index: int, folder: str) -> str:
@@ -380,7 +385,7 @@ class _Run:
         if scope is not None:
             s = next(x for x in self._policy_scopes() if x.get("name") == scope)
             filters = [f["path"].rsplit(".", 1)[-1] for f in s.get("task_result_filters", [])]
-            filters += [f"{f.__class__.__name__} (job)" for f in self.filters.get("train#out", [])]
+            filters += [f"{f.__class__.__name__} (job)" for f in self.filters.get(f"train{FilterKey.DELIMITER}{FilterKey.OUT}", [])]
         return {
             "scope": scope or UNFILTERED,
             "setting": setting,
@@ -415,6 +420,9 @@ class _Run:
         with tempfile.TemporaryDirectory(prefix="medflare-audit-data-") as data_folder:
             for n, index in enumerate(chosen):
                 datalist = _one_case_datalist(cases, index, data_folder)
+                if self.job.kind == "segmentation" and not args.get("pixdim") and cases.shapes:
+                    # the whole volume as the one crop: the update then holds every region the case has
+                    overrides["roi_size"] = cases.shapes[index]
                 for scope in scopes:
                     start = time.perf_counter()
                     (trip,), _, trainer = self._trip(scope, data=(self.site.data.data_root, datalist), **overrides)

@@ -99,3 +99,35 @@ def test_label_presence_and_accuracy():
         label_presence(np.array([[0.5, 1.0]]))
     with pytest.raises(ValueError, match=r"both be \(K,\)"):
         label_accuracy(np.array([True]), np.array([True, False]))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_dice_trained_segresnet_does_not_move_the_output_of_a_region_its_batch_lacks(optimizer):
+    """One step of the segmentation trainer's loss on a crop whose enhancing-tumour channel is
+    empty: that channel's output bias stays exactly where it was, the others move."""
+    import copy as copy_module
+
+    from monai.losses import DiceLoss
+
+    from medflare.attacks.label_inference import infer_regions_dice
+    from medflare.training.model_spec import build_model
+    from tests.conftest import TINY_SEGRESNET
+
+    model = build_model(copy_module.deepcopy(TINY_SEGRESNET))
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 4, 16, 16, 16, generator=generator)
+    label = torch.zeros(1, 3, 16, 16, 16)
+    label[:, 0, 4:9, 4:9, 4:9] = 1  # tumour core
+    label[:, 1, 3:11, 3:11, 3:11] = 1  # whole tumour; channel 2 (enhancing) empty
+    site = copy_module.deepcopy(model)
+    step = torch.optim.SGD(site.parameters(), lr=0.1) if optimizer == "sgd" else torch.optim.Adam(site.parameters(), lr=1e-3)
+    DiceLoss(smooth_nr=0.0, smooth_dr=1e-5, squared_pred=True, sigmoid=True, batch=True)(site(image), label).backward()
+    step.step()
+    name = [n for n, p in model.named_parameters() if n.endswith("bias") and tuple(p.shape) == (3,)][-1]
+    delta = (dict(site.named_parameters())[name] - dict(model.named_parameters())[name]).detach()
+    result = infer_regions_dice(delta)
+    assert result.present.tolist() == [True, True, False]
+    assert float(delta[2]) == 0.0
+    assert infer_regions_dice(torch.zeros(3)).present.tolist() == [False, False, False]  # withheld reads absent
+    with pytest.raises(ValueError):
+        infer_regions_dice(np.float32(1.0))
