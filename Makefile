@@ -2,7 +2,7 @@
 VENV := .venv
 STAMP := $(VENV)/.medflare-installed
 
-.PHONY: setup demo test test-unit bench bench-heart bench-dpsgd bench-frontier clean
+.PHONY: setup demo test test-unit bench bench-heart bench-dpsgd bench-frontier bench-audit clean
 
 $(STAMP): setup.cfg pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -28,6 +28,10 @@ bench-heart: $(STAMP)
 
 bench-dpsgd: $(STAMP)
 	$(VENV)/bin/python benchmarks/dp_sgd_step_cost.py
+
+# what medflare audit costs a site per attacked case
+bench-audit: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/python benchmarks/audit_cost.py
 
 # the privacy-utility frontier: BraTS-layout hospitals, then the FLamby heart-disease hospitals
 bench-frontier: $(STAMP)

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.integration
         ("privacy_filters.py", "NVFlare PercentilePrivacy"),
         ("aggregation.py", "NVFlare InTimeAccumulateWeightedAggregator"),
         ("heart_disease.py", "FLamby Fed-Heart-Disease through medflare on NVFlare"),
+        ("audit_cost.py", "medflare audit cost"),
     ],
 )
 def test_benchmark_quick_run(tmp_path, script, expected):
@@ -31,6 +32,9 @@ def test_benchmark_quick_run(tmp_path, script, expected):
     assert expected in done.stdout
     assert out.stat().st_size > 0
     results = json.loads(out.read_text())
+    if script == "audit_cost.py":
+        for costs in results["jobs"].values():
+            assert costs["floor_s"] > 0 and costs["inversion_iteration_s"] > 0 and costs["audit_seconds_per_case_and_scope"] > 0
     if script == "heart_disease.py":
         # centralised baselines, FedYogi, FedAvg with Gaussian DP and with DP-SGD were run (plain
         # FedAvg is left to test_outcome_jobs_simulator.py in the quick pass)
