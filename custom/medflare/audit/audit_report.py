@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["write_report", "format_table"]
+__all__ = ["write_report", "write_json", "format_table", "finite"]
 
 
 def _number(value, digits: int = 3) -> str:
@@ -87,14 +87,32 @@ def _montage(path: str, report: dict, reconstructions: Mapping, truths: Mapping,
     plt.close(fig)
 
 
+def finite(value):
+    """``value`` with NaN and infinities as null (strict JSON) and numpy scalars as numbers."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(report: dict, out_dir: str) -> None:
+    """``report.json``: strict JSON (a NaN score, e.g. an undefined AUC, is null)."""
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(finite(report), f, indent=2, allow_nan=False)
+        f.write("\n")
+
+
 def write_report(report: dict, out_dir: str, reconstructions: Mapping, truths: Mapping, case_ids: Mapping) -> None:
     """``truths``: case index -> (true image, prior image). Write ``report.json``, ``report.txt`` and ``montage.png`` (when images were attacked)."""
     os.makedirs(out_dir, exist_ok=True)
     if truths:
         report["montage"] = os.path.join(out_dir, "montage.png")
         _montage(report["montage"], report, reconstructions, truths, case_ids)
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
-        f.write("\n")
+    write_json(report, out_dir)
     with open(os.path.join(out_dir, "report.txt"), "w") as f:
         f.write(format_table(report))
