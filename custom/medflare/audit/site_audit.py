@@ -348,7 +348,9 @@ class _Run:
     def _trip(self, scope: Optional[str], data=None, rounds: int = 1, validate: bool = False, **overrides):
         """A fresh scratch site and executor; ``rounds`` train tasks (the utility run chains them)."""
         trips = []
-        with scratch_copy(self.site, data) as scratch:
+        # the same randomness (dropout masks, crops) for every scope: the scopes' differences are the filters'
+        with torch.random.fork_rng(devices=[]), scratch_copy(self.site, data) as scratch:
+            torch.manual_seed(self.options.seed)
             scratch.use_scope(scope)
             executor = self.job.build_executor(**overrides)
             executor.handle_event(EventType.START_RUN, scratch.fl_ctx)
