@@ -618,6 +618,10 @@ def run_audit(workspace: str, job_dir: str, out_dir: Optional[str] = None, optio
         raise AuditError(f"--scope {unknown[0]!r}: the site's privacy.json ({site.privacy_file}) defines {list(site.scopes)}")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out_dir = os.path.abspath(out_dir or os.path.join(site.workspace, "audit", f"{job.name}-{stamp}"))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise AuditError(f"--out {out_dir}: exists and is not a folder")
+    if os.path.isdir(out_dir) and set(os.listdir(out_dir)) - {"report.json", "report.txt", "montage.png"}:
+        raise AuditError(f"--out {out_dir}: holds files other than an earlier audit report; give an empty or new folder")
     seal = site.budget.seal_path if site.budget is not None and site.budget.seal_path else None
     before = workspace_fingerprint(site.workspace, skip=out_dir)
     seal_before = workspace_fingerprint(os.path.dirname(seal)) if seal and os.path.isdir(os.path.dirname(seal)) else {}

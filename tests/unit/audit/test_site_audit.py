@@ -150,6 +150,15 @@ def test_bad_requests_are_refused_before_anything_runs(tmp_path, cxr_site, capsy
         run_audit(workspace, heart, None, AuditOptions(utility_rounds=0))
     assert not os.path.exists(os.path.join(workspace, "audit"))  # nothing written for a refused audit
 
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(AuditError, match="exists and is not a folder"):
+        run_audit(workspace, job, str(tmp_path / "a-file"), AuditOptions(utility_rounds=0))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(AuditError, match="holds files other than an earlier audit report"):
+        run_audit(workspace, job, str(tmp_path / "busy"), AuditOptions(utility_rounds=0))
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
     assert main(["audit", "--workspace", str(tmp_path / "nowhere"), "--job", job]) == 2
     assert "medflare audit: error: --workspace" in capsys.readouterr().err
     assert main(["audit", "--workspace", workspace, "--job", job, "--cases", "0"]) == 2
