@@ -518,7 +518,11 @@ class _Run:
                         case_rows = [{"case_id": None, "ssim": None, "beats_prior": False, "reidentified": False, "note": f"nothing to match: {e}"}] * k
                     if inversion is not None:
                         train_images = cases.images[train]
+                        from medflare.attacks.image_scores import psnr
+
+                        # the prior's best match among the training cases, as the reconstruction's
                         prior_best = float(ssim(mean_image, train_images, 1.0).max())
+                        prior_best_psnr = float(np.max(psnr(mean_image, train_images, 1.0)))
                         for m in range(k):
                             recon = inversion.reconstruction[m : m + 1]
                             against_train = ssim(recon, train_images, 1.0)
@@ -526,7 +530,7 @@ class _Run:
                             against_all = ssim(recon, cases.images, 1.0)
                             nearest = int(np.argmax(against_all))
                             scores = _image_scores(recon, train_images[best : best + 1], mean_image)
-                            scores["prior_ssim"] = prior_best
+                            scores["prior_ssim"], scores["prior_psnr"] = prior_best, prior_best_psnr
                             case_rows.append({
                                 "case_id": cases.ids[train[best]],
                                 **scores,
