@@ -31,7 +31,7 @@ def format_table(report: dict) -> str:
         f"medflare audit of job {report['job']} at site {report['site']} ({report['site_cases']} cases; "
         f"{report['options']['iterations']} iterations x {report['options']['restarts']} restart(s))",
         "",
-        "setting        scope                  released  SSIM  prior  beats  re-id (chance)  labels (const)  BN exact  eps     utility (cost)",
+        "setting        scope                  released  SSIM  prior  PSNR  prior  beats  re-id (chance)  labels (const)  BN exact  eps     utility (cost)",
     ]
     for row in report["rows"]:
         inv = row.get("inversion", {})
@@ -45,6 +45,7 @@ def format_table(report: dict) -> str:
         lines.append(
             f"{row['setting']:<14} {('*' if row.get('job_runs_under_it') else '') + row['scope'][:21]:<22} {'yes' if row['released'] else 'NO':<9} "
             f"{_number(inv.get('mean_ssim')):<5} {_number(inv.get('mean_prior_ssim')):<6} "
+            f"{_number(inv.get('mean_psnr'), 1):<5} {_number(inv.get('mean_prior_psnr'), 1):<6} "
             f"{_number(inv.get('beat_prior_fraction'), 2):<6} {reid:<15} {lab:<15} "
             f"{_number(bn.get('exact_fraction'), 2) if bn.get('entries') else '-':<9} {_number(eps, 2):<7} {util}"
         )
