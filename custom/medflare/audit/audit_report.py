@@ -86,6 +86,11 @@ def _montage(path: str, report: dict, reconstructions: Mapping, truths: Mapping,
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    from PIL import Image
+
+    with Image.open(path) as image:  # greyscale: half the bytes of matplotlib's RGBA, nothing lost
+        grey = image.convert("L")
+    grey.save(path, optimize=True)
 
 
 def finite(value):

@@ -53,7 +53,9 @@ class RoundTrip:
         blocked: why nothing left (``None`` when something did).
         meta: the released DXO's meta.
         epsilon: ``{"mechanism", "epsilon_release", "epsilon_site", "max_epsilon"}`` read from the
-            released privacy record, or ``None`` for a scope without one.
+            released privacy record (DP-SGD's when there are both), or ``None`` for a scope without one.
+        privacy_records: every privacy record on the result (a DP-SGD job under a Gaussian scope
+            carries both, and both are charged).
     """
 
     raw: Optional[dict] = None
@@ -63,6 +65,7 @@ class RoundTrip:
     blocked: Optional[str] = None
     meta: dict = field(default_factory=dict)
     epsilon: Optional[dict] = None
+    privacy_records: list = field(default_factory=list)
 
 
 class _Errors(logging.Handler):
@@ -79,11 +82,13 @@ class _Errors(logging.Handler):
         self.lines.append(message.splitlines()[0][:600])
 
 
-def _privacy_record(meta: dict) -> Optional[dict]:
+def _privacy_records(meta: dict) -> list:
+    """Every privacy record on the result: the DP-SGD one (per patient) first, then the Gaussian (per site)."""
+    records = []
     for key in (DP_SGD, GAUSSIAN_DP):
         record = meta.get(key)
         if isinstance(record, dict):
-            return {
+            records.append({
                 "mechanism": record.get("mechanism"),
                 "noise_multiplier": record.get("noise_multiplier"),
                 "epsilon_release": record.get("epsilon_round"),
@@ -91,8 +96,8 @@ def _privacy_record(meta: dict) -> Optional[dict]:
                 "epsilon_site": record.get("epsilon_site"),
                 "max_epsilon": record.get("max_epsilon"),
                 "delta": record.get("delta"),
-            }
-    return None
+            })
+    return records
 
 
 def _dense(dxo, expected_shapes) -> tuple[dict, dict]:
@@ -153,5 +158,6 @@ def _round_trip(executor, fl_ctx, weights, job_filters, round_number, num_rounds
     expected = {k: tuple(np.shape(v)) for k, v in weights.items()}
     trip.released, trip.masks = _dense(dxo, expected)
     trip.meta = dict(dxo.meta)
-    trip.epsilon = _privacy_record(trip.meta)
+    trip.privacy_records = _privacy_records(trip.meta)
+    trip.epsilon = trip.privacy_records[0] if trip.privacy_records else None
     return trip

@@ -396,6 +396,7 @@ class _Run:
             "blocked": trip.blocked,
             "released_fraction": _released_fraction(trip),
             "epsilon": trip.epsilon,
+            "privacy_records": trip.privacy_records,
             "batchnorm_statistics": _batchnorm_leak(trip),
         }
 

@@ -65,6 +65,7 @@ def test_the_attack_rebuilds_a_small_cnns_patient_unfiltered_and_the_clinical_sc
         assert row["inversion"]["mean_ssim"] < row["inversion"]["mean_prior_ssim"]
         assert row["epsilon"]["epsilon_site"] > 0 and row["epsilon"]["max_epsilon"] == 8.0, row["epsilon"]
         assert row["verdict"] == "at or below the prior"
+        assert [r["mechanism"] for r in row["privacy_records"]] == (["dp_sgd"] if scope == "dp_sgd" else ["gaussian"])
     assert rows["clinical_sparse"]["released_fraction"] < 0.2  # 10 % of the entries leave
     assert [r["scope"] for r in report["rows"] if r["job_runs_under_it"]] == ["dp_sgd"]  # the site's default
 
