@@ -164,3 +164,11 @@ def test_bad_requests_are_refused_before_anything_runs(tmp_path, cxr_site, capsy
     assert "medflare audit: error: --workspace" in capsys.readouterr().err
     assert main(["audit", "--workspace", workspace, "--job", job, "--cases", "0"]) == 2
     assert "cases must be" in capsys.readouterr().err
+
+
+def test_the_command_offers_the_settings_and_attacks_the_audit_runs():
+    from medflare.audit import site_audit
+    from medflare.cli import audit as command
+
+    assert command.SETTINGS == site_audit.SETTINGS and command.ATTACKS == site_audit.ATTACKS
+
