@@ -82,6 +82,13 @@ class _Errors(logging.Handler):
         self.lines.append(message.splitlines()[0][:600])
 
 
+class _Quiet(logging.Filter):
+    """Keeps the executor's and filters' log lines off the console during a round trip."""
+
+    def filter(self, record):
+        return False
+
+
 def _privacy_records(meta: dict) -> list:
     """Every privacy record on the result: the DP-SGD one (per patient) first, then the Gaussian (per site)."""
     records = []
@@ -113,11 +120,18 @@ def _dense(dxo, expected_shapes) -> tuple[dict, dict]:
 def train_round_trip(executor, fl_ctx, weights: dict, job_filters: dict, round_number: int = 0, num_rounds: Optional[int] = None) -> RoundTrip:
     """Run one train task as the FLARE client does, with the scope already on ``fl_ctx``."""
     errors = _Errors()
-    logging.getLogger().addHandler(errors)
+    root = logging.getLogger()
+    quiet = _Quiet()
+    others = list(root.handlers)
+    for handler in others:  # the refusals are the report's to tell, once, not the console's per case
+        handler.addFilter(quiet)
+    root.addHandler(errors)
     try:
         return _round_trip(executor, fl_ctx, weights, job_filters, round_number, num_rounds, errors)
     finally:
-        logging.getLogger().removeHandler(errors)
+        root.removeHandler(errors)
+        for handler in others:
+            handler.removeFilter(quiet)
 
 
 def _reason(prefix: str, errors: _Errors) -> str:
