@@ -1,0 +1,134 @@
+"""``medflare job check`` on the shipped jobs and on a table of broken ones, with the messages expected."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from medflare.cli.main import main
+from medflare.jobs.job_check import check_job
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+JOBS = os.path.join(REPO, "jobs")
+SHIPPED = sorted(d for d in os.listdir(JOBS) if os.path.isfile(os.path.join(JOBS, d, "meta.json")))
+
+
+def _copy(tmp_path, job):
+    folder = tmp_path / job
+    shutil.copytree(os.path.join(JOBS, job), folder)
+    return folder
+
+
+def _edit(path, change):
+    with open(path) as f:
+        content = json.load(f)
+    change(content)
+    with open(path, "w") as f:
+        json.dump(content, f)
+
+
+@pytest.mark.parametrize("job", SHIPPED)
+def test_every_shipped_job_passes_under_the_research_profile(job):
+    result = check_job(os.path.join(JOBS, job), profile="research")
+    assert result.ok, result.problems
+
+
+@pytest.mark.parametrize("job", ["brats_dpsgd", "cxr_emr_dpsgd", "heart_disease_dpsgd", "heart_disease_fedavg"])
+def test_the_jobs_a_clinical_site_runs_pass_under_the_clinical_profile(job):
+    result = check_job(os.path.join(JOBS, job), profile="clinical")
+    assert result.ok, result.problems
+
+
+@pytest.mark.parametrize("job", ["brats_fedavg", "cxr_emr_fedavg"])
+def test_a_non_dp_network_at_a_dp_sgd_site_is_refused_before_submission(job):
+    result = check_job(os.path.join(JOBS, job), profile="clinical")
+    (problem,) = result.problems
+    assert "scope 'dp_sgd' of the profile clinical requires patient-level DP-SGD" in problem
+    assert "jobs/*_dpsgd" in problem
+
+
+def _filter_typo(c):
+    c["task_result_filters"] = [{"tasks": ["train"], "filters": [{"path": "medflare.filters.percentile_sharing.PercentileSharingFilter", "args": {"fraction_share": 0.1}}]}]
+
+
+def _filter_range(c):
+    c["task_result_filters"] = [{"tasks": ["train"], "filters": [{"path": "medflare.filters.percentile_sharing.PercentileSharingFilter", "args": {"fraction_shared": 1.5, "gamma": 0.1}}]}]
+
+
+def _class_typo(c):
+    c["executors"][0]["executor"]["path"] = "medflare.executors.outcome_executor.OutcomeExecuter"
+
+
+def _not_allowed(c):
+    c["components"] = [{"id": "shell", "path": "subprocess.Popen", "args": {"args": ["true"]}}]
+
+
+def _executor_arg(c):
+    c["executors"][0]["executor"]["args"]["learning_rat"] = 0.1
+
+
+def _nested_model_arg(c):
+    c["executors"][0]["executor"]["args"]["model"]["args"]["num_output"] = 1
+
+
+BROKEN = {
+    # name: (file to edit, change, profile, expected message parts)
+    "filter argument typo": ("config_fed_client.json", _filter_typo, None, ["PercentileSharingFilter has no argument 'fraction_share'", "did you mean 'fraction_shared'?"]),
+    "filter argument out of range": ("config_fed_client.json", _filter_range, None, ["PercentileSharingFilter refuses its arguments", "fraction_shared"]),
+    "class name typo": ("config_fed_client.json", _class_typo, None, ["has no OutcomeExecuter", "did you mean medflare.executors.outcome_executor.OutcomeExecutor?"]),
+    "class not on the allow-list": ("config_fed_client.json", _not_allowed, None, ["subprocess.Popen is not on the sites' class allow-list"]),
+    "executor argument typo": ("config_fed_client.json", _executor_arg, None, ["OutcomeExecutor has no argument 'learning_rat'", "did you mean 'learning_rate'?"]),
+    "nested model argument typo": ("config_fed_client.json", _nested_model_arg, None, ["OutcomeNet has no argument 'num_output'", "did you mean 'num_outputs'?"]),
+    "scope the site lacks": ("meta.json", lambda m: m.update(scope="public_data"), "clinical", ["scope 'public_data' is not defined by the profile clinical", "'clinical_sparse'"]),
+    "more clients than named": ("meta.json", lambda m: m.update(min_clients=3, deploy_map={"app": ["server", "site-1", "site-2"]}), None, ["meta.json min_clients 3: the deploy_map names only 2 client(s)", "SUBMITTED"]),
+    "rounds beyond the clinical budget": ("meta.json", lambda m: m.update(scope="clinical"), "clinical", ["num_rounds 15: under scope 'clinical' of the profile clinical", "spend epsilon", "cap 8", "use at most"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_a_broken_job_is_refused_with_a_message_naming_the_problem(tmp_path, name, capsys):
+    file, change, profile, expected = BROKEN[name]
+    folder = _copy(tmp_path, "heart_disease_fedavg")
+    path = folder / "meta.json" if file == "meta.json" else folder / "app" / "config" / file
+    _edit(path, change)
+    result = check_job(str(folder), profile=profile)
+    assert not result.ok
+    text = "\n".join(result.problems)
+    for part in expected:
+        assert part in text, (part, text)
+    argv = ["job", "check", str(folder)] + (["--profile", profile] if profile else [])
+    assert main(argv) == 2
+    assert expected[0] in capsys.readouterr().out
+
+
+def test_a_site_workspace_is_checked_with_what_its_ledger_has_spent(tmp_path):
+    from medflare.privacy.budget_ledger import PrivacyBudgetLedger
+    from medflare.sites.site_profiles import resolve_profile
+
+    local = tmp_path / "site-1" / "local"
+    local.mkdir(parents=True)
+    profile = resolve_profile("clinical")
+    for name in ("privacy.json", "medflare_privacy_budget.json"):
+        shutil.copyfile(os.path.join(profile.folder, name), local / name)
+    folder = _copy(tmp_path, "heart_disease_fedavg")
+    _edit(folder / "meta.json", lambda m: m.update(scope="clinical"))
+    server = folder / "app" / "config" / "config_fed_server.json"
+    _edit(server, lambda c: c.update(num_rounds=10))
+    assert check_job(str(folder), site_workspace=str(tmp_path / "site-1")).ok  # 10 rounds fit a fresh site
+    ledger = PrivacyBudgetLedger.open_site(str(local), "site-1")
+    for r in range(6):
+        ledger.reserve(2.4, job_id="earlier", round_number=r, source="test", limit=None, delta=1e-5)
+    (problem,) = check_job(str(folder), site_workspace=str(tmp_path / "site-1")).problems
+    assert "num_rounds 10" in problem and "spent" in problem and "use at most" in problem
+
+
+def test_bad_paths_are_named(tmp_path):
+    assert check_job(str(tmp_path / "nowhere")).problems == [f"{tmp_path / 'nowhere'}: not a job folder"]
+    (tmp_path / "empty").mkdir()
+    assert "meta.json: missing" in check_job(str(tmp_path / "empty")).problems[0]
+    assert "not defined" not in " ".join(check_job(str(tmp_path / "empty"), profile="research").problems)
+    with pytest.raises(ValueError, match="not both"):
+        check_job(os.path.join(JOBS, "heart_disease_fedavg"), profile="research", site_workspace=str(tmp_path))
