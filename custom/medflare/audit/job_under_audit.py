@@ -21,21 +21,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from nvflare.apis.fl_constant import FilterKey
-from nvflare.fuel.utils.component_builder import ComponentBuilder
-from nvflare.fuel.utils.json_scanner import JsonScanner
-from nvflare.fuel.utils.wfconf import resolve_var_refs
 
 from medflare.audit.scratch_site import AuditError
+from medflare.jobs.job_config import ConfigBuilder, resolve_variables
 
 __all__ = ["JobUnderAudit", "load_job", "TRAIN_TASK"]
 
 TRAIN_TASK = "train"
-_SECTIONS = ("components", "workflows", "executors", "task_data_filters", "task_result_filters")
-
-
-class _Builder(ComponentBuilder):
-    def get_module_scanner(self):
-        return None
 
 
 def _read_config(path: str) -> dict:
@@ -48,9 +40,8 @@ def _read_config(path: str) -> dict:
         raise AuditError(f"{path}: cannot read the job config: {e}") from None
     if not isinstance(config, dict):
         raise AuditError(f"{path}: a job config must be a JSON object")
-    variables = {k: v for k, v in config.items() if k not in _SECTIONS}
     try:
-        resolve_var_refs(JsonScanner(config, path), variables)
+        resolve_variables(config, path)
     except Exception as e:  # noqa: BLE001 - NVFlare's own variable errors
         raise AuditError(f"{path}: {e}") from None
     return config
@@ -125,7 +116,7 @@ class JobUnderAudit:
             else:
                 args[key] = value
         try:
-            return _Builder().build_component(spec)
+            return ConfigBuilder().build_component(spec)
         except Exception as e:  # noqa: BLE001 - the job's own argument errors, named
             raise AuditError(f"job {self.name}: its executor cannot be built: {e}") from None
 
@@ -140,7 +131,7 @@ class JobUnderAudit:
                 built = []
                 for spec in entry.get("filters", []):
                     try:
-                        built.append(_Builder().build_component(copy.deepcopy(spec)))
+                        built.append(ConfigBuilder().build_component(copy.deepcopy(spec)))
                     except Exception as e:  # noqa: BLE001
                         raise AuditError(f"job {self.name}: its filter {spec.get('path')} cannot be built: {e}") from None
                 table.setdefault(f"{TRAIN_TASK}{FilterKey.DELIMITER}{direction}", []).extend(built)

@@ -30,6 +30,7 @@ Threat model (stated in every report, :data:`THREAT_MODEL`): an honest-but-curio
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 import tempfile
@@ -134,8 +135,9 @@ class SiteCases:
     clinical: Optional[torch.Tensor]
     labels: torch.Tensor  # (N, K)
     rows: list = field(default_factory=list)  # the CSV rows (datalist items), for one-case datalists
-    header: list = field(default_factory=list)
+    header: list = field(default_factory=list)  # the CSV's columns
     shapes: list = field(default_factory=list)  # a segmentation case's volume shape
+    datalist: Optional[dict] = None  # a segmentation site's datalist JSON, for one-case datalists
 
     @property
     def train_indices(self) -> list:
@@ -187,18 +189,18 @@ def _segmentation_cases(datalist: str, data_root: str) -> SiteCases:
         labels.append([bool(np.asarray(c).any()) for c in regions(volume)])
         shapes.append([int(n) for n in volume.shape[:3]])
     ids = [str(item.get("subject", os.path.basename(item["label"]))) for item in content["training"]]
-    cases = SiteCases(ids, ["train"] * len(ids), None, None, torch.tensor(labels, dtype=torch.float32), list(content["training"]), [json.dumps({k: v for k, v in content.items() if k not in ("training",)})])
-    cases.shapes = shapes
-    return cases
+    return SiteCases(
+        ids, ["train"] * len(ids), None, None, torch.tensor(labels, dtype=torch.float32), list(content["training"]),
+        shapes=shapes, datalist=content,
+    )
 
 
 def _one_case_datalist(cases: SiteCases, index: int, folder: str) -> str:
     """A copy of the site's datalist with one training case (and all the test/validation cases)."""
-    if cases.images is None and cases.header and cases.header[0].startswith("{"):  # a BraTS datalist
+    if cases.datalist is not None:  # a BraTS datalist
         import json
 
-        content = json.loads(cases.header[0])
-        content["training"] = [cases.rows[index]]
+        content = dict(cases.datalist, training=[cases.rows[index]])
         path = os.path.join(folder, f"one_case_{index}.json")
         with open(path, "w") as f:
             json.dump(content, f)
@@ -385,7 +387,7 @@ class _Run:
     def scope_row(self, scope: Optional[str], setting: str, trip: RoundTrip) -> dict:
         filters = []
         if scope is not None:
-            s = next(x for x in self._policy_scopes() if x.get("name") == scope)
+            s = next(x for x in self._policy_scopes if x.get("name") == scope)
             filters = [f["path"].rsplit(".", 1)[-1] for f in s.get("task_result_filters", [])]
             filters += [f"{f.__class__.__name__} (job)" for f in self.filters.get(f"train{FilterKey.DELIMITER}{FilterKey.OUT}", [])]
         return {
@@ -400,6 +402,7 @@ class _Run:
             "batchnorm_statistics": _batchnorm_leak(trip),
         }
 
+    @functools.cached_property
     def _policy_scopes(self) -> list:
         import json
 

@@ -33,9 +33,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["JobCheck", "check_job"]
+from medflare.jobs.job_config import SECTIONS, ConfigBuilder, resolve_variables
 
-_SECTIONS = ("components", "workflows", "executors", "task_data_filters", "task_result_filters")
+__all__ = ["JobCheck", "check_job"]
 
 
 @dataclass
@@ -68,15 +68,11 @@ def _read(path: str, check: JobCheck) -> Optional[dict]:
 
 
 def _resolved(path: str, check: JobCheck) -> Optional[dict]:
-    from nvflare.fuel.utils.json_scanner import JsonScanner
-    from nvflare.fuel.utils.wfconf import resolve_var_refs
-
     config = _read(path, check)
     if config is None:
         return None
-    variables = {k: v for k, v in config.items() if k not in _SECTIONS}
     try:
-        resolve_var_refs(JsonScanner(config, path), variables)
+        resolve_variables(config, path)
     except Exception as e:  # noqa: BLE001 - NVFlare's own variable errors
         check.problems.append(f"{path}: {e}")
         return None
@@ -97,7 +93,7 @@ def _components(config: dict) -> list:
             for n, value in enumerate(node):
                 walk(value, f"{where}[{n}]")
 
-    for section in _SECTIONS:
+    for section in SECTIONS:
         walk(config.get(section, []), section)
     return found
 
@@ -146,14 +142,8 @@ def _check_component(where: str, component: dict, allow_list: list, check: JobCh
 
 
 def _build(where: str, component: dict, check: JobCheck) -> None:
-    from nvflare.fuel.utils.component_builder import ComponentBuilder
-
-    class Builder(ComponentBuilder):
-        def get_module_scanner(self):
-            return None
-
     try:
-        Builder().build_component(copy.deepcopy(component))
+        ConfigBuilder().build_component(copy.deepcopy(component))
     except Exception as e:  # noqa: BLE001 - what the FLARE client or server would raise
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         check.problems.append(f"{where}: {component['path']} refuses its arguments: {message}")

@@ -172,3 +172,30 @@ def test_the_command_offers_the_settings_and_attacks_the_audit_runs():
 
     assert command.SETTINGS == site_audit.SETTINGS and command.ATTACKS == site_audit.ATTACKS
 
+
+
+def test_a_tampered_ledger_blocks_the_dp_scopes_in_the_audit_too_and_is_left_as_found(tmp_path, cxr_site):
+    """The scratch copy carries the site's ledger state: a ledger edited behind the seal's back
+    blocks every DP release in the audit as it would in a job; the evidence is not touched."""
+    workspace = client_workspace(tmp_path, "site-1", "clinical", cxr_site)
+    ledger_path = os.path.join(workspace, "local", LEDGER_FILE_NAME)
+    ledger = PrivacyBudgetLedger.open_site(os.path.join(workspace, "local"), "site-1")
+    ledger.reserve(2.0, job_id="earlier-job", round_number=0, source="test", limit=None, delta=1e-5)
+    with open(ledger_path) as f:
+        text = f.read()
+    with open(ledger_path, "w") as f:
+        f.write(text.replace('"noise_multiplier": 2.0', '"noise_multiplier": 200.0'))  # someone lowered the spend
+    assert '"noise_multiplier": 200.0' in open(ledger_path).read()
+    before = workspace_fingerprint(workspace)
+
+    report = run_audit(
+        workspace, small_cnn_job(tmp_path), str(tmp_path / "out"),
+        AuditOptions(scopes=["clinical"], cases=1, settings=("worst_case",), iterations=2, utility_rounds=0, device="cpu"),
+        log=lambda _: None,
+    )
+
+    row = _rows(report, "worst_case")["clinical"]
+    assert not row["released"] and "blocked" in row["blocked"], row
+    assert row["labels"]["accuracy"] is None and row["inversion"]["beat_prior_fraction"] == 0.0
+    assert _rows(report, "worst_case")[UNFILTERED]["released"]  # the reference needs no ledger
+    assert changed_files(before, workspace_fingerprint(workspace)) == []
