@@ -53,6 +53,8 @@ __all__ = [
     "DP_SGD_REQUIRED",
     "DP_SGD_RECORD",
     "AGGREGATION",
+    "LOCAL_MODEL",
+    "LOCAL_MODEL_KINDS",
     "CURRENT_ROUND",
     "RESULT_META",
     "RESULT_HEADERS",
@@ -93,6 +95,12 @@ GAUSSIAN_DP = "medflare_gaussian_dp"
 DP_SGD = "medflare_dp_sgd"
 #: task-data header a site's own task-data filter sets: the DP-SGD the site requires of the executor
 DP_SGD_REQUIRED = "medflare_dp_sgd_required"
+#: which model a ``submit_model`` result is: ``"site_only"`` (trained on the site's data alone from
+#: the first global model, EXAM's single-site model) or ``"last_round"`` (the last round's locally
+#: trained weights: with that round's global model, which the server has, it gives the round's
+#: full update)
+LOCAL_MODEL = "medflare_local_model"
+LOCAL_MODEL_KINDS = ("site_only", "last_round")
 #: the server's record of a round's aggregation (server-side only: a site never sends it)
 AGGREGATION = "medflare_aggregation"
 #: the round the result belongs to, a header the executor sets for the filters and the ledger
@@ -334,6 +342,8 @@ RESULT_META: dict[str, DeclaredKey] = _declare(
                 "the sharing parameters and how many entries were shared (fixed by the model's size)"),
     DeclaredKey(GAUSSIAN_DP, _GAUSSIAN_RECORD, False, "filter",
                 "the noise parameters and the epsilon spent (the count of the site's releases)"),
+    DeclaredKey(LOCAL_MODEL, _one_of(*LOCAL_MODEL_KINDS), False, "executor",
+                "which model a submit_model result is (the job's local_model setting)"),
     DeclaredKey(DP_SGD, DP_SGD_RECORD, False, "executor",
                 "the per-patient noise, clipping, sampling rate and steps, and the per-patient epsilon spent; "
                 "the sampling rate is patients per step over the site's patients, so it gives the site's size "

@@ -116,6 +116,11 @@ class FailClosedDXOFilter(Filter):
         default_release_meta: what a null ``release_meta`` means for this filter.
     """
 
+    #: whether :meth:`filter_dxo` takes sparse entries encoded by an earlier filter of the chain
+    #: (a filter that checks and charges, and changes no value, can; one that computes on
+    #: the values cannot, and refuses them)
+    accepts_sparse_entries = False
+
     def __init__(
         self,
         supported_data_kinds: Sequence[str],
@@ -178,7 +183,7 @@ class FailClosedDXOFilter(Filter):
             released = DXO(data_kind=dxo.data_kind, data=data, meta=meta)
             self.log_debug(fl_ctx, f"{type(self).__name__}: {kind} carries only named numbers; released")
         elif dxo.data_kind in self.supported_data_kinds:
-            released = self._filtered(DXO(data_kind=dxo.data_kind, data=as_numpy_update(dxo.data), meta=meta), shareable, fl_ctx)
+            released = self._filtered(DXO(data_kind=dxo.data_kind, data=self._input_update(dxo.data), meta=meta), shareable, fl_ctx)
         else:
             raise UnsafeUpdateError(
                 f"data kind {kind} is not released; this filter handles "
@@ -188,6 +193,25 @@ class FailClosedDXOFilter(Filter):
         if checked_headers.get(CURRENT_ROUND) is not None:
             out.set_header(CURRENT_ROUND, checked_headers[CURRENT_ROUND])
         return released.update_shareable(out)
+
+    def _input_update(self, data) -> dict:
+        """The model data as :meth:`filter_dxo` receives it: numpy arrays (or accelerator tensors);
+        with :attr:`accepts_sparse_entries`, the :class:`~medflare.transport.sparse_update.SparseTensor`
+        entries an earlier filter of the chain encoded are kept as they are, their values checked."""
+        if not self.accepts_sparse_entries or not isinstance(data, dict) or not data:
+            return as_numpy_update(data)
+        plain = {k: v for k, v in data.items() if not isinstance(v, SparseTensor)}
+        dense = as_numpy_update(plain) if plain else {}
+        out = {}
+        for key, value in data.items():
+            if isinstance(value, SparseTensor):
+                if not isinstance(key, str):
+                    raise UnsafeUpdateError(f"update keys must be parameter names (strings), got {key!r:.80}")
+                as_numpy_update({key: value.values})  # numbers only
+                out[key] = value
+            else:
+                out[key] = dense[key]
+        return out
 
     def _stripped_error_reply(self, rc: str, shareable: Shareable, headers: dict, fl_ctx: FLContext) -> Shareable:
         """An error reply reveals nothing but its return code; everything else it held is dropped."""

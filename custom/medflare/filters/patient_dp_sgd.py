@@ -18,6 +18,13 @@ this filter does, is:
    A result without a record, with a weaker one, with BatchNorm running statistics (which
    DP-SGD does not privatise), or that would exceed the site's budget, is blocked; entries that
    are not floating-point (counters) are withheld as zeros, as every medflare filter does.
+   The filter changes no value, so it also takes an update an earlier filter of the chain
+   has made sparse (a site's ``PercentileSharingFilter`` with ``sparse_transport``).
+
+The site-only model that cross-site evaluation asks for (``submit_model``, ``WEIGHTS``) is
+trained with DP-SGD too, from the first global model, and its record covers every step of it;
+with ``local_model="dp_sgd"`` (the default) it is released under the same checks and charged to
+the ledger like a training round, with ``"withhold"`` it never leaves the site.
 
 A job may carry this filter too (so that the simulator, which applies no site policy, enforces
 and charges DP-SGD). Where the site's own scope has one in its ``task_result_filters``, the
@@ -68,9 +75,13 @@ from medflare.privacy.update_checks import (
     is_floating,
     is_normalisation_statistic,
 )
+from medflare.transport.sparse_update import SparseTensor
 from medflare.wire_contract import DP_SGD, DP_SGD_REQUIRED
 
-__all__ = ["PatientDPSGDFilter"]
+__all__ = ["LOCAL_MODEL_CHOICES", "PatientDPSGDFilter"]
+
+#: what ``local_model`` may say: release the DP-SGD-trained site-only model, charged, or keep it
+LOCAL_MODEL_CHOICES = ("dp_sgd", "withhold")
 
 
 class PatientDPSGDFilter(FailClosedDXOFilter):
@@ -91,10 +102,15 @@ class PatientDPSGDFilter(FailClosedDXOFilter):
         passthrough_data_kinds: result kinds without model parameters let through after their
             check (default ``["METRICS"]``).
         release_meta: data-dependent meta keys released (default none).
+        local_model: ``"dp_sgd"`` (default): release the site-only model (``WEIGHTS``) for
+            cross-site evaluation when its DP-SGD record passes and is charged, as for a round;
+            ``"withhold"``: never release it (only model differences leave).
 
     Raises:
         ValueError, TypeError: when the job is built, for an out-of-range or wrongly typed argument.
     """
+
+    accepts_sparse_entries = True
 
     def __init__(
         self,
@@ -106,8 +122,13 @@ class PatientDPSGDFilter(FailClosedDXOFilter):
         allow_seeded_noise: bool = False,
         passthrough_data_kinds: Optional[list] = None,
         release_meta: Optional[list] = None,
+        local_model: str = "dp_sgd",
     ):
-        super().__init__([DataKind.WEIGHT_DIFF, DataKind.WEIGHTS], passthrough_data_kinds, release_meta)
+        if local_model not in LOCAL_MODEL_CHOICES:
+            raise ValueError(f"local_model must be one of {list(LOCAL_MODEL_CHOICES)}, got {local_model!r}")
+        kinds = [DataKind.WEIGHT_DIFF] + ([DataKind.WEIGHTS] if local_model == "dp_sgd" else [])
+        super().__init__(kinds, passthrough_data_kinds, release_meta)
+        self.local_model = local_model
         check_real("noise_multiplier", noise_multiplier, 0.0, None, low_open=True)
         check_real("max_grad_norm", max_grad_norm, 0.0, None, low_open=True)
         check_real("target_delta", target_delta, 0.0, 1.0, low_open=True, high_open=True)
@@ -189,7 +210,7 @@ class PatientDPSGDFilter(FailClosedDXOFilter):
         return all(f is not self for f in site_filters) and any(isinstance(f, PatientDPSGDFilter) for f in site_filters)
 
     def filter_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
-        check_update(dxo.data)
+        check_update({k: v.values if isinstance(v, SparseTensor) else v for k, v in dxo.data.items()})
         stats = sorted(k for k, v in dxo.data.items() if is_normalisation_statistic(k) and getattr(v, "size", 1))
         if stats:
             raise UnsafeUpdateError(
@@ -224,7 +245,7 @@ class PatientDPSGDFilter(FailClosedDXOFilter):
             f"{completed['epsilon_run']:.4g}, site total {site_epsilon:.4g} of {cap:g}",
         )
         # DP-SGD privatises the learned weights; a non-floating buffer is not one of them: withheld
-        data = {k: v if is_floating(v) else np.zeros(np.shape(v), dtype=as_numpy(v).dtype) for k, v in dxo.data.items()}
+        data = {k: v if _floating(v) else _zeros_like(v) for k, v in dxo.data.items()}
         return DXO(data_kind=dxo.data_kind, data=data, meta=meta)
 
     def _checked_after_the_site(self, dxo: DXO, record: dict, fl_ctx: FLContext) -> DXO:
@@ -242,3 +263,16 @@ class PatientDPSGDFilter(FailClosedDXOFilter):
             )
         self.log_info(fl_ctx, "DP-SGD release already checked and charged by the site's own filter; not charged again")
         return DXO(data_kind=dxo.data_kind, data=dict(dxo.data), meta=dict(dxo.meta))
+
+
+def _floating(value) -> bool:
+    if isinstance(value, SparseTensor):
+        return np.dtype(value.dtype).kind == "f"
+    return is_floating(value)
+
+
+def _zeros_like(value) -> np.ndarray:
+    """A withheld entry: zeros of its dense shape and dtype."""
+    if isinstance(value, SparseTensor):
+        return np.zeros(value.shape, dtype=np.dtype(value.dtype))
+    return np.zeros(np.shape(value), dtype=as_numpy(value).dtype)
