@@ -11,6 +11,9 @@ Workspace layout (default ``./workspace``)::
                                              scored each site's own model (also .json, .csv, .png)
 
 The job folder is used unchanged; only ``--rounds`` makes a patched copy (``runs/<job>/job``).
+Before anything runs, the job goes through ``medflare job check`` (:mod:`medflare.jobs.job_check`,
+without a site policy: the simulator applies none), so a typo in an argument is refused with
+"did you mean" here instead of ending the run ``FINISHED:ABNORMAL`` at the sites.
 Sites find their data through ``MEDFLARE_DATA_CONFIG`` set for the simulator process, exactly
 as a real site would through its environment or ``local/medflare_data.json``, and their privacy
 budget through ``MEDFLARE_PRIVACY_BUDGET``: every simulated site gets the research profile's
@@ -158,6 +161,21 @@ def _site_data(opts: RunOptions, kind: str, log) -> str:
     return os.path.join(data_root, "{site_name}", "data_config.json")
 
 
+def _check_before_running(job_dir: str, log) -> None:
+    """``medflare job check`` without a site policy (the simulator applies none): a job that
+    the server or a site would refuse is refused here, before data is generated or a process
+    started."""
+    from medflare.jobs.job_check import check_job
+
+    check = check_job(job_dir)
+    if not check.ok:
+        problems = "\n".join(f"  - {p}" for p in check.problems)
+        raise JobRunError(
+            f"job {job_dir} would fail at the server or a site (medflare job check); nothing was run:\n{problems}"
+        )
+    log(f"job check: OK ({len(check.checked)} configs built against the sites' allow-list)")
+
+
 def _print(message: str) -> None:
     print(message, flush=True)
 
@@ -215,6 +233,8 @@ def run_job(opts: RunOptions, log=_print) -> dict:
         if isinstance(opts.rounds, bool) or not isinstance(opts.rounds, int) or opts.rounds < 1:
             raise JobRunError(f"--rounds must be a positive int, got {opts.rounds!r}")
         job_dir = _with_rounds(job_dir, opts.rounds, run_dir)
+
+    _check_before_running(job_dir, log)
 
     env = dict(os.environ)
     env[ENV_VAR] = _site_data(opts, kind, log)

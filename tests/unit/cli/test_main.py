@@ -58,3 +58,21 @@ def test_rounds_override_patches_a_copy_not_the_job(tmp_path):
     with open(os.path.join(copy_dir, "app", "config", "config_fed_server.json")) as f:
         assert json.load(f)["num_rounds"] == 3
     assert (job / "app" / "config" / "config_fed_server.json").read_text() == original
+
+
+def test_run_checks_the_job_first_and_runs_nothing_when_it_would_fail(tmp_path, capsys):
+    import json
+    import shutil
+
+    job = tmp_path / "heart_typo"
+    shutil.copytree(os.path.join(REPO, "jobs", "heart_disease_fedavg"), job)
+    client = job / "app" / "config" / "config_fed_client.json"
+    config = json.loads(client.read_text())
+    config["executors"][0]["executor"]["args"]["learning_rat"] = 0.1
+    client.write_text(json.dumps(config))
+    workspace = tmp_path / "ws"
+    assert main(["run", str(job), "--workspace", str(workspace)]) == 2
+    err = capsys.readouterr().err
+    assert "would fail at the server or a site (medflare job check); nothing was run" in err
+    assert "learning_rat" in err and "did you mean 'learning_rate'" in err
+    assert not (workspace / "data").exists()  # refused before any site data was generated
