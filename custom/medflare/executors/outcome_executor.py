@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 from nvflare.app_common.app_constant import AppConstants
 
 from medflare.data.outcome_table import check_columns
+from medflare.data.site_data_config import OUTCOME_IMAGE, OUTCOME_TABLE
 from medflare.executors.site_training_executor import SiteTrainingExecutor, check_positive_int
 from medflare.training.model_weights import TrainResult
 from medflare.training.outcome_trainer import check_training_arguments
@@ -52,6 +53,9 @@ class OutcomeExecutor(SiteTrainingExecutor):
             network needs ``OutcomeNet(norm="group")``. ``local_steps`` steps of Poisson-sampled
             patients per round, or ``ceil(1 / q)`` per epoch; with ``target_epsilon`` those are
             the steps per round the site's noise multiplier is solved for.
+        dataset: the name of the site's data set this job trains on, looked up in the site's
+            data configuration; the job still names no path. Null: ``"outcome_image"`` with an
+            ``image_column``, else ``"outcome_table"``.
 
     Raises:
         ValueError: when an argument is out of range, or the model's declared inputs and
@@ -81,6 +85,7 @@ class OutcomeExecutor(SiteTrainingExecutor):
         validate_task_name: str = AppConstants.TASK_VALIDATION,
         submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
         dp_sgd: Optional[dict] = None,
+        dataset: Optional[str] = None,
     ):
         super().__init__(
             model,
@@ -92,6 +97,7 @@ class OutcomeExecutor(SiteTrainingExecutor):
             validate_task_name=validate_task_name,
             submit_model_task_name=submit_model_task_name,
             dp_sgd=dp_sgd,
+            dataset=dataset,
         )
         check_columns("label_columns", label_columns, allow_empty=False)
         check_columns("clinical_columns", clinical_columns, allow_empty=True)
@@ -114,6 +120,17 @@ class OutcomeExecutor(SiteTrainingExecutor):
         self.learning_rate = learning_rate
         self.optimizer = optimizer
         self.clinical_normalisation = clinical_normalisation
+
+    @property
+    def kind_dataset(self) -> str:
+        return OUTCOME_TABLE if self.image_column is None else OUTCOME_IMAGE
+
+    @property
+    def dataset_origin(self) -> str:
+        if self.dataset is not None:
+            return super().dataset_origin
+        with_image = "without image_column" if self.image_column is None else f"with image_column {self.image_column!r}"
+        return f"the executor kind, OutcomeExecutor {with_image}"
 
     def _check_model_fits(self, num_labels: int, num_clinical: int, uses_image: bool) -> None:
         """Refuse, before the job runs, a model whose inputs or outputs contradict the columns.

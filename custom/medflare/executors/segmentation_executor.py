@@ -13,6 +13,7 @@ from typing import Callable, Optional, Sequence
 
 from nvflare.app_common.app_constant import AppConstants
 
+from medflare.data.site_data_config import SEGMENTATION
 from medflare.executors.site_training_executor import SiteTrainingExecutor, check_positive_int
 from medflare.training.model_spec import DEFAULT_SEGRESNET
 from medflare.training.model_weights import TrainResult
@@ -61,6 +62,8 @@ class SegmentationExecutor(SiteTrainingExecutor):
             round the site's noise multiplier is solved for.
         crops_per_patient: random crops of each patient per step (a patient's crops are summed
             before clipping under DP-SGD).
+        dataset: the name of the site's data set this job trains on, looked up in the site's
+            data configuration; the job still names no path. Null: ``"segmentation"``.
     """
 
     key_metric = "dice_mean"
@@ -86,6 +89,7 @@ class SegmentationExecutor(SiteTrainingExecutor):
         submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
         dp_sgd: Optional[dict] = None,
         crops_per_patient: int = 1,
+        dataset: Optional[str] = None,
     ):
         super().__init__(
             copy.deepcopy(DEFAULT_SEGRESNET) if model is None else model,
@@ -97,6 +101,7 @@ class SegmentationExecutor(SiteTrainingExecutor):
             validate_task_name=validate_task_name,
             submit_model_task_name=submit_model_task_name,
             dp_sgd=dp_sgd,
+            dataset=dataset,
         )
         check_positive_int("local_epochs", local_epochs)
         check_positive_int("max_steps_per_round", max_steps_per_round, allow_none=True)
@@ -127,6 +132,10 @@ class SegmentationExecutor(SiteTrainingExecutor):
         self.cache_rate = cache_rate
         check_positive_int("crops_per_patient", crops_per_patient)
         self.crops_per_patient = crops_per_patient
+
+    @property
+    def kind_dataset(self) -> str:
+        return SEGMENTATION
 
     def _build_trainer(self, config, network):
         from medflare.data.brats_layout import load_datalist

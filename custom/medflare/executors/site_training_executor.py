@@ -150,6 +150,9 @@ class SiteTrainingExecutor(Executor):
             docstring; :class:`~medflare.privacy.dp_sgd.DPSGDTarget`). The network is checked
             when the job is built.
         train_task_name, validate_task_name, submit_model_task_name: task names to answer.
+        dataset: the name of the site's data set this job trains on, looked up in the site's
+            data configuration (:mod:`medflare.data.site_data_config`); the job still names no
+            path. Null: the name of the executor's kind (:attr:`kind_dataset`).
     """
 
     #: the metric logged after each round (a key of the trainer's ``validate`` result)
@@ -166,6 +169,7 @@ class SiteTrainingExecutor(Executor):
         validate_task_name: str = AppConstants.TASK_VALIDATION,
         submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
         dp_sgd: Optional[dict] = None,
+        dataset: Optional[str] = None,
     ):
         super().__init__()
         if not isinstance(model, torch.nn.Module) and not (isinstance(model, dict) and isinstance(model.get("path"), str)):
@@ -185,6 +189,11 @@ class SiteTrainingExecutor(Executor):
         ):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        if dataset is not None:
+            from medflare.data.site_data_config import check_dataset_name
+
+            check_dataset_name(dataset, "dataset (the site's data set name, or null for the executor kind's)")
+        self.dataset = dataset
         self.model = model
         self.device = device
         self.seed = seed
@@ -214,6 +223,25 @@ class SiteTrainingExecutor(Executor):
         self._local_weights: Optional[dict] = None
 
     # what a subclass supplies ------------------------------------------------------------------
+
+    @property
+    def kind_dataset(self) -> str:
+        """The data set name of this executor's kind (one of
+        :data:`medflare.data.site_data_config.DATASET_KINDS`), asked for when the job names none."""
+        raise NotImplementedError
+
+    @property
+    def dataset_name(self) -> str:
+        """The key of the site's data configuration this job trains on: the job's ``dataset``
+        argument, else :attr:`kind_dataset`."""
+        return self.dataset if self.dataset is not None else self.kind_dataset
+
+    @property
+    def dataset_origin(self) -> str:
+        """Where :attr:`dataset_name` came from, for the message when the site lacks it."""
+        if self.dataset is not None:
+            return "the job's executor argument 'dataset'"
+        return f"the executor kind, {type(self).__name__}"
 
     def _build_trainer(self, config, network: torch.nn.Module):
         """The trainer for the site's data (``config``: a ``SiteDataConfig``) and ``network``."""
@@ -263,7 +291,7 @@ class SiteTrainingExecutor(Executor):
         local_dir = workspace.get_site_config_dir() if workspace is not None else None
         source = "site data configuration"
         try:
-            config = resolve_site_data_config(site, local_dir)
+            config = resolve_site_data_config(site, local_dir, dataset=self.dataset_name, dataset_from=self.dataset_origin)
             source = config.source
             self._trainer = self._build_trainer(config, self._build_network())
             if self.local_model == "site_only":
@@ -275,7 +303,7 @@ class SiteTrainingExecutor(Executor):
             self._setup_error = None
             self.log_info(
                 fl_ctx,
-                f"{site}: {self._trainer.num_train_cases} training cases from {config.datalist}, "
+                f"{site}: data set {self.dataset_name}: {self._trainer.num_train_cases} training cases from {config.datalist}, "
                 f"device {self._trainer.device}",
             )
         except Exception as e:  # any failure here must stop the site from sending anything
