@@ -2,6 +2,7 @@
 
     medflare site profiles
     medflare site install --workspace SITE_DIR --profile clinical --data DATA_CONFIG_OR_DATALIST
+    medflare site install --workspace SITE_DIR --profile clinical --data BRATS_DATALIST --data CXR_TABLE ...
     medflare site install --workspace SERVER_DIR
     medflare site show --workspace SITE_DIR
 """
@@ -12,6 +13,8 @@ import json
 import os
 
 from medflare.cli.budget import format_budget, ledger_path
+from medflare.data.data_errors import DataListError
+from medflare.data.site_data_config import read_site_datasets
 from medflare.privacy.budget_ledger import LedgerError
 from medflare.sites.site_install import DATA_CONFIG_FILE, install_site, plan_install, read_manifest
 from medflare.sites.site_profiles import available_profiles, resolve_profile
@@ -29,9 +32,17 @@ def add_site_parser(sub) -> None:
     install.add_argument("--workspace", required=True, help="the FLARE client's (or server's) workspace folder")
     install.add_argument("--profile", default=None, help="profile name (see `medflare site profiles`) or a profile folder")
     install.add_argument(
-        "--data", default=None, help="the site's data configuration ({data_root, datalist}) or a datalist JSON"
+        "--data",
+        action="append",
+        default=None,
+        metavar="[NAME=]PATH",
+        help="a data set of the site: its data configuration ({data_root, datalist}), a datalist JSON or an outcome "
+        "table; repeat for each data set. NAME defaults to the kind found: segmentation, outcome_image (a table "
+        "with images) or outcome_table",
     )
-    install.add_argument("--data-root", default=None, help="folder a datalist's paths are relative to (default: its folder)")
+    install.add_argument(
+        "--data-root", default=None, help="folder a datalist's paths are relative to (default: its folder); one --data only"
+    )
     install.add_argument("--gpus", type=int, default=None, help="GPUs the site offers to jobs (default: all found)")
     install.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU (default: the smallest GPU's)")
     install.add_argument("--dry-run", action="store_true", help="check everything and print the plan; write nothing")
@@ -54,6 +65,20 @@ def format_profiles() -> str:
     return "\n".join(lines) if lines else "no profiles found"
 
 
+def _data_lines(path: str) -> list[str]:
+    """One line per data set of the site's data configuration (a flat file serves every job)."""
+    try:
+        datasets = read_site_datasets(path)
+    except DataListError as e:  # a hand-edited file is what the admin most needs to see here
+        return [f"data: UNREADABLE: {e}"]
+    return [
+        f"data set {config.dataset}: datalist {config.datalist}, images under {config.data_root}"
+        if config.dataset is not None
+        else f"data (flat file, every job): datalist {config.datalist}, images under {config.data_root}"
+        for config in datasets
+    ]
+
+
 def format_site(workspace: str) -> str:
     manifest = read_manifest(workspace)
     local = os.path.join(os.path.abspath(workspace), "local")
@@ -72,9 +97,7 @@ def format_site(workspace: str) -> str:
         lines.append(f"scopes: {', '.join(s['name'] for s in privacy['scopes'])}; default {privacy['default_scope']}")
     data_path = os.path.join(local, DATA_CONFIG_FILE)
     if os.path.isfile(data_path):
-        with open(data_path) as f:
-            data = json.load(f)
-        lines.append(f"data: datalist {data['datalist']}, images under {data['data_root']}")
+        lines += _data_lines(data_path)
     if manifest.get("role") == "client":
         try:
             lines += ["", format_budget(ledger_path(workspace))]

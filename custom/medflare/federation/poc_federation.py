@@ -189,8 +189,14 @@ class PocFederation:
 
         install_site(self.workspace("server"))
 
-    def install_site(self, site: str, profile: str, data: str, **kwargs) -> None:
-        """``medflare site install`` for one client (see :mod:`medflare.sites.site_install`)."""
+    def install_site(self, site: str, profile: str, data: str | list[str] | dict[str, str], **kwargs) -> None:
+        """``medflare site install`` for one client (see :mod:`medflare.sites.site_install`).
+
+        ``data`` is passed through as :func:`~medflare.sites.site_install.plan_install` takes it:
+        one ``"[NAME=]PATH"`` (a data configuration, datalist or outcome table), a list of them
+        (``--data`` repeated: a site holding several data sets) or a dict ``{NAME: PATH}``; a
+        NAME defaults to the kind detected (``segmentation``, ``outcome_image``, ``outcome_table``).
+        """
         from medflare.sites.site_install import install_site
 
         install_site(self.workspace(site), profile, data, **kwargs)

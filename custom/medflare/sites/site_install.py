@@ -6,7 +6,12 @@ Into a **client** workspace (one with ``startup/fed_client.json``) it installs, 
 * ``resources.json``: the workspace's current file (or NVFlare's ``resources.json.default``)
   with the profile's settings merged in, the GPU resource manager sized to this machine, and
   the class allow-list extended by medflare's entries;
-* ``medflare_data.json``: where the site's datalist and images are (absolute paths);
+* ``medflare_data.json``: where the site's data sets are, keyed by name (absolute paths;
+  :mod:`medflare.data.site_data_config`). A site holding several data sets installs them all at
+  once, one ``--data [NAME=]PATH`` each; a NAME defaults to the kind detected (``segmentation``
+  for a BraTS datalist, ``outcome_image`` for an outcome table with images, ``outcome_table``
+  for one without), the name a job's executor of that kind asks for. So one install serves
+  every job of the site, whatever it trains on;
 * ``medflare_privacy_budget.json``: the site's lifetime privacy budget, from the profile (a
   ``seal_path`` the site already set is kept); a profile without one leaves the site's as it
   is. The privacy ledger and its seal are never written, moved or deleted by an install, so
@@ -18,8 +23,8 @@ Into the **server** workspace (``startup/fed_server.json``) it installs only the
 the server builds medflare's aggregators and persistor, and has no privacy policy or data.
 
 Nothing is written until every file has been built and checked: the profile's filters are
-built from their arguments, the datalist (or outcome table) is read and every file it names must
-lie inside the data root and pass the content checks the trainer runs
+built from their arguments, each data set's datalist (or outcome table) is read and every file
+it names must lie inside the data root and pass the content checks the trainer runs
 (:mod:`medflare.data.brats_volume_checks`: labels, shapes, affines, finite voxels), and the
 staged policy is loaded by NVFlare's own privacy configurator. Files are then swapped in one at
 a time with the previous versions kept in ``local/medflare_backup/<time>/``; if any swap fails
@@ -37,10 +42,19 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Mapping, Optional, Sequence, Union
 
 from medflare.data.brats_layout import DataListError, load_datalist, read_json_object
 from medflare.data.brats_volume_checks import check_brats_subjects
+from medflare.data.site_data_config import (
+    DATASETS_KEY,
+    OUTCOME_IMAGE,
+    OUTCOME_TABLE,
+    SEGMENTATION,
+    check_dataset_name,
+    keyed_data_config,
+    read_site_datasets,
+)
 from medflare.data.site_data_config import LOCAL_FILE_NAME as DATA_CONFIG_FILE
 from medflare.privacy.budget_ledger import LEDGER_FILE_NAME, LedgerError, PrivacyBudgetLedger, default_seal_path
 from medflare.privacy.site_budget import SITE_BUDGET_FILE_NAME, SiteBudget, load_site_budget, parse_site_budget
@@ -157,9 +171,40 @@ def _merge_resources(current: dict, profile: Optional[SiteProfile], gpus: Option
     return merged, notes
 
 
-def _data_config(data: str, data_root: Optional[str]) -> tuple[dict, list]:
-    """Read ``data`` (a site data configuration, a datalist or an outcome table) and check
-    every file it names, content included, as the site's trainer will."""
+def _data_entries(data) -> list[tuple[Optional[str], str, str]]:
+    """``(NAME or None, PATH, as given)`` of each ``--data``: a ``[NAME=]PATH`` string, a list of
+    them, or a dict ``{NAME: PATH}``. A NAME is the text before the first ``=`` when that text
+    holds no path separator (so ``./a=b.json`` is a path)."""
+    if isinstance(data, str):
+        data = [data]
+    if isinstance(data, dict):
+        entries = []
+        for name, path in data.items():
+            check_dataset_name(name, f"--data {name}=...: the data set name", InstallError)
+            if not isinstance(path, str) or not path:
+                raise InstallError(f"--data {name}=...: the path must be a non-empty string, got {path!r}")
+            entries.append((name, path, f"{name}={path}"))
+        return entries
+    if not isinstance(data, (list, tuple)):
+        raise InstallError(f"--data must be [NAME=]PATH, a list of them or a dict {{NAME: PATH}}, got {data!r}")
+    entries = []
+    for given in data:
+        if not isinstance(given, str) or not given:
+            raise InstallError(f"--data entries must be non-empty strings [NAME=]PATH, got {given!r}")
+        name, sep, path = given.partition("=")
+        if sep and os.sep not in name and "/" not in name:
+            check_dataset_name(name, f"--data {given}: the data set name (before '=')", InstallError)
+            if not path:
+                raise InstallError(f"--data {given}: no PATH after {name}=")
+            entries.append((name, path, given))
+        else:
+            entries.append((None, given, given))
+    return entries
+
+
+def _data_locations(given: str, data: str, data_root: Optional[str]) -> list[tuple[Optional[str], str, str]]:
+    """``(name in the file or None, data_root, datalist)`` of one ``--data`` PATH: a site data
+    configuration (flat: one; keyed: each of its data sets), a datalist or an outcome table."""
     path = os.path.abspath(data)
     base = os.path.dirname(path)
     content = {}
@@ -168,37 +213,90 @@ def _data_config(data: str, data_root: Optional[str]) -> tuple[dict, list]:
             content = read_json_object(path, "--data")
         except DataListError as e:
             raise InstallError(str(e)) from None
+    if DATASETS_KEY in content:
+        if data_root is not None:
+            raise InstallError(f"--data {given} is a keyed site data configuration with its own data roots; drop --data-root")
+        try:
+            return [(entry.dataset, entry.data_root, entry.datalist) for entry in read_site_datasets(path)]
+        except DataListError as e:
+            raise InstallError(f"--data {given}: {e}") from None
     if "datalist" in content and "training" not in content:
         if data_root is not None:
-            raise InstallError(f"--data {data} is a site data configuration with its own data_root; drop --data-root")
+            raise InstallError(f"--data {given} is a site data configuration with its own data_root; drop --data-root")
         for key in ("data_root", "datalist"):
             if not isinstance(content.get(key), str) or not content[key]:
-                raise InstallError(f"--data {data}: a site data configuration needs a non-empty string {key!r}")
+                raise InstallError(f"--data {given}: a site data configuration needs a non-empty string {key!r}")
         root = os.path.normpath(os.path.join(base, os.path.expanduser(content["data_root"])))
         datalist = os.path.normpath(os.path.join(base, os.path.expanduser(content["datalist"])))
-    else:
-        datalist = path
-        root = os.path.abspath(data_root) if data_root is not None else base
+        return [(None, root, datalist)]
+    return [(None, os.path.abspath(data_root) if data_root is not None else base, path)]
+
+
+def _check_data(given: str, root: str, datalist: str) -> tuple[str, str]:
+    """Check every file ``datalist`` names, content included, as the site's trainer will.
+
+    Returns:
+        ``(the data set kind detected, a summary note)``: ``segmentation`` for a BraTS
+        datalist, ``outcome_image`` for an outcome table with images, else ``outcome_table``.
+    """
     try:
         if datalist.lower().endswith(".csv"):  # an outcome table (medflare.data.outcome_table)
             from medflare.data.outcome_table import check_outcome_table
 
             counts = check_outcome_table(datalist, root)
-            note = (
-                f"data: outcome table {datalist}: {counts['train']} training and {counts['test']} test cases, "
+            kind = OUTCOME_IMAGE if counts["images"] > 0 else OUTCOME_TABLE
+            return kind, (
+                f"outcome table {datalist}: {counts['train']} training and {counts['test']} test cases, "
                 f"{counts['images']} images under {root}"
             )
-        else:
-            training, validation = load_datalist(datalist, root, check_files=True)
-            # the trainer's own content checks, so bad volumes are found now, not at the first job
-            check_brats_subjects(training + validation)
-            note = (
-                f"data: {len(training)} training and {len(validation)} validation subjects, datalist {datalist}, "
-                f"images under {root}; labels, shapes, affines and voxels checked"
-            )
+        training, validation = load_datalist(datalist, root, check_files=True)
+        # the trainer's own content checks, so bad volumes are found now, not at the first job
+        check_brats_subjects(training + validation)
     except DataListError as e:
-        raise InstallError(f"--data {data}: {e}") from None
-    return {"data_root": root, "datalist": datalist}, [note]
+        raise InstallError(f"--data {given}: {e}") from None
+    return SEGMENTATION, (
+        f"{len(training)} training and {len(validation)} validation subjects, datalist {datalist}, "
+        f"images under {root}; labels, shapes, affines and voxels checked"
+    )
+
+
+def _data_config(data, data_root: Optional[str]) -> tuple[dict, list]:
+    """The keyed ``medflare_data.json`` for ``data`` (see :func:`plan_install`), every data set
+    checked; and a summary note per data set.
+
+    Raises:
+        InstallError: an entry that is malformed or fails the checks, two data sets under one
+            name (both paths named), or ``data_root`` with more than one entry.
+    """
+    entries = _data_entries(data)
+    if data_root is not None and len(entries) > 1:
+        raise InstallError(
+            f"--data-root applies when exactly one --data is given, got {len(entries)} "
+            f"({', '.join(given for _, _, given in entries)}): give each data set as a site data configuration "
+            "{data_root, datalist}, or a datalist or table whose paths are relative to its own folder"
+        )
+    chosen: dict = {}  # name -> (data_root, datalist, as given)
+    notes = []
+    for name, path, given in entries:
+        locations = _data_locations(given, path, data_root)
+        if name is not None and locations[0][0] is not None:
+            raise InstallError(
+                f"--data {given}: {path} is a keyed site data configuration whose data sets have their own names "
+                f"{[n for n, _, _ in locations]}; give it without {name}="
+            )
+        for in_file, root, datalist in locations:
+            kind, note = _check_data(given, root, datalist)
+            key = name or in_file or kind
+            how = "named" if name else "as in the file" if in_file else "detected"
+            if key in chosen:
+                raise InstallError(
+                    f"--data: two data sets named {key!r}: {chosen[key][2]} and {given}; a site holds one data set "
+                    f"per name: name them apart with --data NAME=PATH (a job asks for a name with its executor's "
+                    f"'dataset' argument)"
+                )
+            chosen[key] = (root, datalist, given)
+            notes.append(f"data set {key} ({how}): {note}")
+    return keyed_data_config({key: (root, datalist) for key, (root, datalist, _) in chosen.items()}), notes
 
 
 def _dumps(obj: dict) -> str:
@@ -296,7 +394,7 @@ def _budget_notes(local_dir: str, budget: Optional[SiteBudget], current: Optiona
 def plan_install(
     workspace: str,
     profile: Optional[str] = None,
-    data: Optional[str] = None,
+    data: Union[str, Sequence[str], Mapping[str, str], None] = None,
     data_root: Optional[str] = None,
     gpus: Optional[int] = None,
     gpu_memory_gib: Optional[float] = None,
@@ -306,9 +404,14 @@ def plan_install(
     Args:
         workspace: the FLARE client's (or server's) workspace folder.
         profile: profile name or folder; required for a client, refused for the server.
-        data: the site's data configuration (``{"data_root", "datalist"}``) or a datalist
-            JSON; required for a client, refused for the server.
-        data_root: folder a datalist's relative paths start from (default: its own folder).
+        data: the site's data sets, each a site data configuration (flat
+            ``{"data_root", "datalist"}``, or keyed: each of its data sets), a datalist JSON or
+            an outcome table: one ``"[NAME=]PATH"``, a list of them (``--data`` repeated) or a
+            dict ``{NAME: PATH}``. A NAME defaults to the kind detected: ``segmentation`` (a
+            BraTS datalist), ``outcome_image`` (an outcome table with images) or
+            ``outcome_table``. Required for a client, refused for the server.
+        data_root: folder a datalist's relative paths start from (default: its own folder);
+            only with exactly one ``data`` entry.
         gpus, gpu_memory_gib: override the GPU count and memory per GPU found on this machine.
 
     Raises:
@@ -335,7 +438,7 @@ def plan_install(
     else:
         if profile is None:
             raise InstallError("--profile is required for a client workspace (e.g. research or clinical)")
-        if data is None:
+        if data is None or (isinstance(data, (list, tuple, dict)) and not data):
             raise InstallError("--data is required for a client workspace: the site's data configuration or datalist")
         try:
             chosen = resolve_profile(profile)
@@ -355,7 +458,12 @@ def plan_install(
             f"profile {chosen.name} ({chosen.folder}): scopes {', '.join(chosen.scope_names)}; default {chosen.default_scope}"
         )
         plan.summary += notes + data_notes + budget_notes
-        manifest = {"role": "client", "profile": chosen.name, "profile_folder": chosen.folder}
+        manifest = {
+            "role": "client",
+            "profile": chosen.name,
+            "profile_folder": chosen.folder,
+            "datasets": list(data_config[DATASETS_KEY]),
+        }
     from medflare import __version__
 
     manifest.update(
@@ -417,8 +525,11 @@ def apply_install(plan: InstallPlan, _replace=os.replace) -> str:
     return backup
 
 
-def install_site(workspace: str, profile: Optional[str] = None, data: Optional[str] = None, **kwargs) -> InstallPlan:
-    """:func:`plan_install` then :func:`apply_install`; returns the plan that was installed."""
+def install_site(
+    workspace: str, profile: Optional[str] = None, data: Union[str, Sequence[str], Mapping[str, str], None] = None, **kwargs
+) -> InstallPlan:
+    """:func:`plan_install` then :func:`apply_install`; returns the plan that was installed.
+    ``data``: one ``"[NAME=]PATH"``, a list of them or a dict ``{NAME: PATH}`` (see :func:`plan_install`)."""
     plan = plan_install(workspace, profile, data, **kwargs)
     backup = apply_install(plan)
     if os.path.isdir(backup):
