@@ -8,9 +8,11 @@ temporary folder, with:
 * the ledger, its seal and any block marker copied in (a seal kept outside the workspace, the
   budget's ``seal_path``, is copied too and the copy's budget file points at the copy);
 * the budget read as the client reads it (``local/`` or ``MEDFLARE_PRIVACY_BUDGET``) and written
-  into the copy, and the site's data location (``local/medflare_data.json`` or
-  ``MEDFLARE_DATA_CONFIG``) written into the copy with absolute paths; both environment
-  variables are cleared while the audit runs, so nothing reaches past the copy;
+  into the copy, and the location of the data set the audited job trains on (from
+  ``local/medflare_data.json`` or ``MEDFLARE_DATA_CONFIG``, flat or keyed by data set name)
+  written into the copy as a flat file with absolute paths, which serves the job's executor
+  whatever name it asks for; both environment variables are cleared while the audit runs, so
+  nothing reaches past the copy;
 * the privacy policy read by NVFlare's own configurator
   (``nvflare.private.fed.app.fl_conf.create_privacy_manager``) from the copied ``privacy.json``.
 
@@ -56,7 +58,7 @@ class SiteUnderAudit:
         name: the site's name (the workspace folder's name unless given).
         scopes: the scope names of its ``privacy.json``, in file order.
         default_scope: the scope a job naming none gets.
-        data: where its data is (:class:`~medflare.data.site_data_config.SiteDataConfig`).
+        data: where the audited job's data set is (:class:`~medflare.data.site_data_config.SiteDataConfig`).
         budget: the site's budget as read (``None`` when it has none).
         privacy_file: the policy file.
     """
@@ -99,8 +101,14 @@ class ScratchSite:
 
     def use_data(self, data_root: str, datalist: str) -> None:
         """Point the scratch site at another datalist (the worst case's one-case list)."""
-        with open(os.path.join(self.local_dir, DATA_FILE_NAME), "w") as f:
-            json.dump({"data_root": data_root, "datalist": datalist}, f)
+        _write_flat_data_config(self.local_dir, data_root, datalist)
+
+
+def _write_flat_data_config(local_dir: str, data_root: str, datalist: str) -> None:
+    """The copy's ``medflare_data.json`` in the flat form: one data set, served to every name
+    (the copy runs only the audited job, whose data set it is)."""
+    with open(os.path.join(local_dir, DATA_FILE_NAME), "w") as f:
+        json.dump({"data_root": data_root, "datalist": datalist}, f)
 
 
 def _read_policy(path: str) -> dict:
@@ -128,11 +136,22 @@ def _without_site_environment() -> Iterator[dict]:
         os.environ.update(saved)
 
 
-def open_site(workspace: str, site_name: Optional[str] = None) -> SiteUnderAudit:
+def open_site(
+    workspace: str, site_name: Optional[str] = None, dataset: Optional[str] = None, dataset_from: Optional[str] = None
+) -> SiteUnderAudit:
     """Read the real site's policy, data location and budget (nothing is written).
 
+    Args:
+        workspace: the FLARE client's workspace.
+        site_name: the site's name (default: the workspace folder's name).
+        dataset: the data set name the audited job's executor asks for
+            (:attr:`~medflare.executors.site_training_executor.SiteTrainingExecutor.dataset_name`);
+            ``None``: the site's only data set.
+        dataset_from: where that name came from, for the message when the site lacks it.
+
     Raises:
-        AuditError: no such workspace, no or unreadable ``privacy.json``, no data configuration.
+        AuditError: no such workspace, no or unreadable ``privacy.json``, no data configuration
+            or none for ``dataset``.
     """
     if not isinstance(workspace, str) or not os.path.isdir(workspace):
         raise AuditError(f"--workspace {workspace!r}: not a folder (give the FLARE client's workspace)")
@@ -143,7 +162,7 @@ def open_site(workspace: str, site_name: Optional[str] = None) -> SiteUnderAudit
     policy = _read_policy(privacy_file)
     scopes = tuple(s.get("name") for s in policy["scopes"] if isinstance(s, dict))
     try:
-        data = resolve_site_data_config(name, local)
+        data = resolve_site_data_config(name, local, dataset=dataset, dataset_from=dataset_from)
     except Exception as e:  # DataListError naming the file
         raise AuditError(f"--workspace {workspace}: cannot find the site's data: {e}") from None
     try:
@@ -190,8 +209,7 @@ def scratch_copy(site: SiteUnderAudit, data: Optional[tuple] = None) -> Iterator
         elif BUDGET_ENV_VAR in saved:
             pass  # an unreadable budget: the copy has none either, so DP scopes block as they would
         data_root, datalist = data or (site.data.data_root, site.data.datalist)
-        with open(os.path.join(local, DATA_FILE_NAME), "w") as f:
-            json.dump({"data_root": data_root, "datalist": datalist}, f)
+        _write_flat_data_config(local, data_root, datalist)  # replaces the copied (maybe keyed) file
         try:
             manager = create_privacy_manager(Workspace(root_dir=root, site_name=site.name), names_only=False)
         except Exception as e:  # noqa: BLE001 - what NVFlare refuses, the client would refuse at start

@@ -618,8 +618,10 @@ def run_audit(workspace: str, job_dir: str, out_dir: Optional[str] = None, optio
     """
     from medflare.audit.audit_report import write_json, write_report
 
-    site = open_site(workspace)
     job = load_job(job_dir)
+    with torch.random.fork_rng(devices=[]):  # the data set its executor asks the site for; no randomness used up
+        executor = job.build_executor()
+    site = open_site(workspace, dataset=executor.dataset_name, dataset_from=executor.dataset_origin)
     scopes = list(options.scopes) if options.scopes is not None else list(site.scopes)
     unknown = [s for s in scopes if s not in site.scopes]
     if unknown:

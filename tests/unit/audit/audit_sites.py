@@ -16,8 +16,9 @@ JOBS = os.path.join(REPO, "jobs")
 SMALL_CNN = {"path": "medflare.training.small_networks.SmallConvNet", "args": {"image_size": [32, 32]}, "config_type": "dict"}
 
 
-def client_workspace(root, name: str, profile: str, data_config: str) -> str:
-    """A provisioned-looking client workspace with ``profile`` installed by ``medflare site install``."""
+def client_workspace(root, name: str, profile: str, data_config) -> str:
+    """A provisioned-looking client workspace with ``profile`` installed by ``medflare site install``
+    (``data_config``: one data set's path, or a list of ``[NAME=]PATH``: a site holding several)."""
     workspace = os.path.join(str(root), name)
     os.makedirs(os.path.join(workspace, "startup"), exist_ok=True)
     with open(os.path.join(workspace, "startup", "fed_client.json"), "w") as f:

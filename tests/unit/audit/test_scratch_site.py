@@ -141,3 +141,25 @@ def test_the_fingerprint_sees_added_changed_and_removed_files_but_not_the_report
     (tmp_path / "c").write_text("3")
     (tmp_path / "report" / "r.json").write_text("{}")
     assert changed_files(before, workspace_fingerprint(str(tmp_path), skip=str(tmp_path / "report"))) == ["a", "b", "c"]
+
+
+def test_a_site_with_several_data_sets_is_opened_for_the_one_the_job_asks_for(tmp_path, cxr_config, tiny_sites):
+    """The copy's data configuration is the audited data set alone, as a flat file: it serves the
+    job's executor whatever name it asks for, and the real keyed file is left as it was."""
+    from medflare.data.site_data_config import read_site_data_config
+
+    workspace = client_workspace(tmp_path, "site-1", "research", [tiny_sites["site-1"], cxr_config])
+    with pytest.raises(AuditError, match=r"holds several data sets \['segmentation', 'outcome_image'\] and none was asked for"):
+        open_site(workspace)
+    with pytest.raises(AuditError, match=r"no data set 'outcome_table' \(asked for by the job\); this site has \['segmentation', 'outcome_image'\]"):
+        open_site(workspace, dataset="outcome_table", dataset_from="the job")
+    site = open_site(workspace, dataset="outcome_image")
+    assert site.data.dataset == "outcome_image" and site.data.datalist.endswith("cases.csv")
+    before = workspace_fingerprint(workspace)
+    with scratch_copy(site) as scratch:
+        copied = os.path.join(scratch.local_dir, "medflare_data.json")
+        for name in ("outcome_image", "segmentation", None):  # flat: the executor finds it by any name
+            config = read_site_data_config(copied, name)
+            assert (config.data_root, config.datalist, config.dataset) == (site.data.data_root, site.data.datalist, None)
+    assert changed_files(before, workspace_fingerprint(workspace)) == []
+    assert open_site(workspace, dataset="segmentation").data.datalist == os.path.join(os.path.dirname(tiny_sites["site-1"]), "datalist.json")

@@ -146,9 +146,12 @@ def test_bad_requests_are_refused_before_anything_runs(tmp_path, cxr_site, capsy
     ):
         with pytest.raises((ValueError, TypeError), match=message):
             AuditOptions(**{field: value})
-    heart = os.path.join(os.path.dirname(job), "heart_disease_fedavg")  # columns this site's table does not have
-    with pytest.raises(AuditError, match="cannot load the site's data"):
+    heart = os.path.join(os.path.dirname(job), "heart_disease_fedavg")  # a clinical-table job; this site has X-rays
+    with pytest.raises(AuditError, match=r"cannot find the site's data: .*has no data set 'outcome_table' \(asked for by the executor kind, OutcomeExecutor without image_column\); this site has \['outcome_image'\]"):
         run_audit(workspace, heart, None, AuditOptions(utility_rounds=0))
+    heart_on_xrays = job_copy(tmp_path, "heart_disease_fedavg", "heart_on_xrays", dataset="outcome_image")
+    with pytest.raises(AuditError, match="cannot load the site's data"):  # columns this site's table does not have
+        run_audit(workspace, heart_on_xrays, None, AuditOptions(utility_rounds=0))
     assert not os.path.exists(os.path.join(workspace, "audit"))  # nothing written for a refused audit
 
     (tmp_path / "a-file").write_text("x")
@@ -199,3 +202,19 @@ def test_a_tampered_ledger_blocks_the_dp_scopes_in_the_audit_too_and_is_left_as_
     assert row["labels"]["accuracy"] is None and row["inversion"]["beat_prior_fraction"] == 0.0
     assert _rows(report, "worst_case")[UNFILTERED]["released"]  # the reference needs no ledger
     assert changed_files(before, workspace_fingerprint(workspace)) == []
+
+
+def test_a_site_holding_several_data_sets_audits_the_one_the_job_trains_on(tmp_path, cxr_site, tiny_sites):
+    """The chest X-ray job at a site that also holds BraTS volumes: the audit attacks X-ray cases."""
+    import csv
+
+    workspace = client_workspace(tmp_path, "site-1", "research", [tiny_sites["site-1"], cxr_site])
+    report = run_audit(
+        workspace, small_cnn_job(tmp_path), str(tmp_path / "out"),
+        AuditOptions(scopes=["public_data"], cases=1, settings=("worst_case",), iterations=2, utility_rounds=0, device="cpu"),
+        log=lambda _: None,
+    )
+    with open(os.path.join(os.path.dirname(cxr_site), "cases.csv")) as f:
+        ids = [row["case_id"] for row in csv.DictReader(f)]
+    assert report["attacked_cases"][0] in ids
+    assert report["site_cases"] <= len(ids) and set(_rows(report, "worst_case")) == {UNFILTERED, "public_data"}
