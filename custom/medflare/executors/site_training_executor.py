@@ -87,6 +87,7 @@ from medflare.wire_contract import (
     DP_SGD,
     DP_SGD_REQUIRED,
     INITIAL_METRICS,
+    LOCAL_MODEL,
     NUM_STEPS,
     NUM_TRAIN_CASES,
     TRAIN_LOSS,
@@ -574,7 +575,7 @@ class SiteTrainingExecutor(Executor):
             if bad:
                 self.log_error(fl_ctx, f"the site-only model diverged (non-finite {bad[:3]}); nothing sent")
                 return make_reply(ReturnCode.EXECUTION_RESULT_ERROR)
-            meta = {}
+            meta = {LOCAL_MODEL: "site_only"}
             record = combined_record(self._site_only_dp_records)
             if record is not None and not self._site_only_unprivate:
                 meta[DP_SGD] = record
@@ -584,4 +585,4 @@ class SiteTrainingExecutor(Executor):
         if self._local_weights is None:
             self.log_error(fl_ctx, "no local model to submit: this site has not trained in this run")
             return make_reply(ReturnCode.EXECUTION_RESULT_ERROR)
-        return DXO(data_kind=DataKind.WEIGHTS, data=self._local_weights).to_shareable()
+        return DXO(data_kind=DataKind.WEIGHTS, data=self._local_weights, meta={LOCAL_MODEL: "last_round"}).to_shareable()

@@ -15,6 +15,7 @@ from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
+from medflare.wire_contract import LOCAL_MODEL
 from medflare.data.site_data_config import ENV_VAR
 from medflare.executors.outcome_executor import OutcomeExecutor
 from medflare.training.model_spec import build_model
@@ -154,7 +155,9 @@ def test_site_only_model_is_trained_apart_and_submitted(tmp_path, outcome_site, 
     # site-only model goes on from its own weights
     moved = {k: v + 0.5 for k, v in global_weights.items()}
     executor.execute("train", weights_task(moved, 1), fl_ctx, Signal())
-    site_only = from_shareable(executor.execute("submit_model", Shareable(), fl_ctx, Signal())).data
+    submitted = from_shareable(executor.execute("submit_model", Shareable(), fl_ctx, Signal()))
+    assert submitted.get_meta_prop(LOCAL_MODEL) == "site_only"  # what lets a partial-sharing site release it
+    site_only = submitted.data
     federated = executor._local_weights
     key = "head.weight"
     assert np.abs(site_only[key] - federated[key]).max() > 0.3
@@ -165,7 +168,10 @@ def test_last_round_is_the_default_local_model(tmp_path, outcome_site, monkeypat
     executor, fl_ctx, global_weights = _ready(tmp_path, outcome_site, monkeypatch, "table-binary")
     assert executor._site_only_trainer is None
     executor.execute("train", weights_task(global_weights), fl_ctx, Signal())
-    submitted = from_shareable(executor.execute("submit_model", Shareable(), fl_ctx, Signal())).data
+    dxo = from_shareable(executor.execute("submit_model", Shareable(), fl_ctx, Signal()))
+    # the last round's weights: with that round's global model they give its full update
+    assert dxo.get_meta_prop(LOCAL_MODEL) == "last_round"
+    submitted = dxo.data
     assert all(np.array_equal(submitted[k], executor._local_weights[k]) for k in submitted)
 
 
