@@ -1,8 +1,9 @@
 """Small copies of the shipped jobs for the integration tests, and reading a job's results.
 
 A job is copied only to make it fit CI on two cores: a smaller SegResNet, one local epoch, small
-crops, optionally fewer rounds and a final-evaluation timeout in seconds instead of half an hour
-(so a site killed during a test is given up quickly). Workflows, aggregator, persistor, filters,
+crops, optionally fewer rounds, fewer required clients (the heart-disease jobs need FLamby's four
+hospitals; the POC federations have three sites) and a final-evaluation timeout in seconds
+instead of half an hour (so a site killed during a test is given up quickly). Workflows, aggregator, persistor, filters,
 executor and meta (scope included) are the job as shipped.
 """
 
@@ -44,10 +45,15 @@ def small_job(
     name: Optional[str] = None,
     scope: Optional[str] = None,
     final_eval_timeout: Optional[int] = None,
+    min_clients: Optional[int] = None,
+    local_steps: Optional[int] = None,
 ) -> str:
     """Copy ``jobs/<job>`` into ``dest/<name>``, shrunk for CI (see the module docstring; only
     segmentation jobs have a network to shrink); ``rounds``, ``scope`` and
-    ``final_eval_timeout`` (seconds) are set when given."""
+    ``final_eval_timeout`` (seconds), ``min_clients`` (``meta.json`` and the workflows) and
+    ``local_steps`` (an outcome executor's ``local_steps``, a segmentation executor's
+    ``max_steps_per_round``: fewer DP-SGD steps spend less of a site's budget, so one site
+    can run every job) are set when given."""
     name = name or job
     shrink = job_data_kind(os.path.join(JOBS_DIR, job)) == "brats"
     target = os.path.join(dest, name)
@@ -59,6 +65,8 @@ def small_job(
     meta["name"] = name
     if scope is not None:
         meta["scope"] = scope
+    if min_clients is not None:
+        meta["min_clients"] = min_clients
     save_json(meta_path, meta)
     for app in meta["deploy_map"]:
         config_dir = os.path.join(target, app, "config")
@@ -72,17 +80,24 @@ def small_job(
                 server["model_args"].update(SMALL_NETWORK)
             if rounds is not None:
                 set_num_rounds(server, rounds)
+            if min_clients is not None:
+                for wf in server["workflows"]:
+                    if "min_clients" in wf["args"]:
+                        wf["args"]["min_clients"] = min_clients
             if final_eval_timeout is not None:
                 for wf in server["workflows"]:
                     if wf["path"].endswith(("GlobalModelEval", "CrossSiteModelEval")):
                         wf["args"]["validation_timeout"] = final_eval_timeout
             save_json(server_path, server)
-        if shrink and os.path.isfile(client_path):
+        if (shrink or local_steps is not None) and os.path.isfile(client_path):
             client = load_json(client_path)
             for executor in client["executors"]:
                 args = executor["executor"]["args"]
-                args["model"]["args"].update(SMALL_NETWORK)
-                args.update({"local_epochs": 1, "roi_size": [16, 16, 16], "val_roi_size": [32, 32, 32]})
+                if shrink:
+                    args["model"]["args"].update(SMALL_NETWORK)
+                    args.update({"local_epochs": 1, "roi_size": [16, 16, 16], "val_roi_size": [32, 32, 32]})
+                if local_steps is not None:
+                    args["max_steps_per_round" if shrink else "local_steps"] = local_steps
             save_json(client_path, client)
     return target
 

@@ -1,11 +1,14 @@
 """What the POC tests share besides the job copies (:mod:`tests.integration.job_copies`): the
-shortened failure detection of the test federations, and watching a running job's rounds."""
+shortened failure detection of the test federations, watching a running job's rounds, the job
+copies each federation runs, and ``medflare report`` on a downloaded result."""
 
 from __future__ import annotations
 
+import math
 import os
 
-from tests.integration.job_copies import small_job
+from tests.integration.job_copies import JOBS_DIR, load_json, shipped_jobs, small_job
+from medflare.cli.run_job import job_data_kind
 
 #: The server drops a silent client after 30 s instead of NVFlare's 600 s, and a task waiting only
 #: for dropped clients ends 10 s after that instead of 60 + 30 s; otherwise each fault costs minutes.
@@ -15,10 +18,59 @@ HEARTBEAT_TIMEOUT = 30
 FINAL_EVAL_TIMEOUT = 30
 
 
+#: the POC federations' sites
+SITES = ["site-1", "site-2", "site-3"]
+
+
+#: local steps per round of every POC job copy: the federations' sites are small (4 BraTS
+#: subjects, 18 to 29 chest X-ray patients for training), so a DP-SGD step samples a large share
+#: of them and is dear; at 2 steps a site runs every shipped job within one lifetime budget
+#: (research: epsilon about 7.4 of 10 at site-3; clinical: about 6.1 of 8)
+POC_LOCAL_STEPS = 2
+
+
 def poc_job(job: str, dest: str, rounds: int = 2, **kwargs) -> str:
-    """:func:`~tests.integration.job_copies.small_job` with 2 rounds unless told otherwise and
-    the POC tests' final-evaluation timeout."""
+    """:func:`~tests.integration.job_copies.small_job` with 2 rounds of
+    :data:`POC_LOCAL_STEPS` steps unless told otherwise and the POC tests' final-evaluation
+    timeout; a heart-disease job asks for the three sites the federations have instead of
+    FLamby's four hospitals."""
+    kwargs.setdefault("local_steps", POC_LOCAL_STEPS)
+    if job_data_kind(os.path.join(JOBS_DIR, job)) == "heart":
+        kwargs.setdefault("min_clients", len(SITES))
     return small_job(job, dest, rounds=rounds, final_eval_timeout=FINAL_EVAL_TIMEOUT, **kwargs)
+
+
+def outcome_jobs() -> list[str]:
+    """Every shipped heart-disease and chest X-ray job."""
+    return shipped_jobs("heart") + shipped_jobs("cxr")
+
+
+def dp_sgd_jobs() -> list[str]:
+    """Every shipped job whose executor trains with DP-SGD (the clinical default's jobs)."""
+    return [
+        job for job in shipped_jobs()
+        if load_json(os.path.join(JOBS_DIR, job, "app", "config", "config_fed_client.json"))["executors"][0]["executor"]["args"].get("dp_sgd")
+    ]
+
+
+def exam_report(result_dir: str, out_dir: str) -> dict:
+    """``medflare report`` on a downloaded result, as a researcher runs it; the JSON it wrote."""
+    from medflare.cli.main import main
+
+    assert main(["report", result_dir, "--out", out_dir]) == 0, result_dir
+    return load_json(os.path.join(out_dir, "exam_report.json"))
+
+
+def assert_complete_exam_table(report: dict, sites: list[str]) -> None:
+    """Every site's local model scored on every site's test data, and EXAM's four measures
+    finite for every site and for the means: nothing missing, nothing left out."""
+    assert report["sites"] == sites, report["sites"]
+    assert report["notes"] == [], report["notes"]
+    assert report["models"][: len(sites)] == sites, report["models"]
+    for row in report["matrix"]:
+        assert all(v is not None and math.isfinite(v) for v in row), report["matrix"]
+    for row in report["per_site"] + [report["means"]]:
+        assert all(v is not None and math.isfinite(v) for k, v in row.items() if k != "site"), row
 
 
 def rounds_recorded(federation, job_id: str) -> int:

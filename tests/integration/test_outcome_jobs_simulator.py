@@ -71,7 +71,7 @@ def test_heart_disease_job_runs_on_the_four_hospitals_with_cross_site_evaluation
 
 
 def test_chest_xray_and_clinical_job_runs_with_cross_site_evaluation(tmp_path):
-    job = small_job("cxr_emr_fedavg", str(tmp_path), rounds=2)
+    job = small_job("cxr_emr_fedavg", str(tmp_path), rounds=2, local_steps=3)  # the simulator path; POC runs the job too
     lines = []
     result = run_job(RunOptions(job_dir=job, sites=3, workspace=str(tmp_path / "ws"), cases=12, size=32), log=lines.append)
     sites = ["site-1", "site-2", "site-3"]

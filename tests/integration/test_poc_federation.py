@@ -1,10 +1,12 @@
-"""A real federation on loopback: every shipped job submitted through the FLARE API, site policy
-applied, a bad scope refused, and clients killed mid-job.
+"""A real federation on loopback under the research profile: every shipped job submitted through
+the FLARE API and completed with the site policy applied (EXAM's whole table for the outcome
+jobs, from ``medflare report``), a bad scope refused, and clients killed mid-job.
 
 NVFlare POC mode: a server and three clients provisioned with certificates, each started by its
-own ``startup/start.sh`` with the research profile installed by ``medflare site install``, and
-the admin's FLARE API session (the path the admin console's ``submit_job`` takes). Nothing is
-mocked. The server's dead-client detection is shortened (see ``poc_support``) so that the two
+own ``startup/start.sh`` with the research profile installed by ``medflare site install``, every
+site holding BraTS volumes, a heart-disease table and chest X-rays at once (one data
+configuration per executor kind), and the admin's FLARE API session (the path the admin
+console's ``submit_job`` takes). Nothing is mocked. The server's dead-client detection is shortened (see ``poc_support``) so that the two
 fault tests take a minute each rather than ten.
 """
 
@@ -17,8 +19,18 @@ import pytest
 import torch
 
 from medflare.federation.poc_federation import PocFederation
+from medflare.wire_contract import DP_SGD
 from tests.integration.job_copies import job_filters, round_records, shipped_jobs
-from tests.integration.poc_support import FAST_FAILURE_DETECTION, HEARTBEAT_TIMEOUT, poc_job, rounds_recorded
+from tests.integration.poc_support import (
+    FAST_FAILURE_DETECTION,
+    HEARTBEAT_TIMEOUT,
+    SITES,
+    assert_complete_exam_table,
+    exam_report,
+    outcome_jobs,
+    poc_job,
+    rounds_recorded,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.poc]
 
@@ -26,21 +38,21 @@ SITE_FILTER = {"filter": "PercentileSharingFilter", "source": "site"}  # the res
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory, poc_site_data):
+def federation(tmp_path_factory, poc_site_datasets):
     root = tmp_path_factory.mktemp("poc_federation")
     fed = PocFederation(str(root), clients=3, env=FAST_FAILURE_DETECTION, heartbeat_timeout=HEARTBEAT_TIMEOUT, log=print)
     with fed:
         fed.prepare()
         fed.install_server()
         for site in fed.sites:
-            fed.install_site(site, "research", poc_site_data[site], gpus=0)
+            fed.install_site(site, "research", poc_site_datasets[site], gpus=0)
         fed.start()
         yield fed
 
 
 def test_every_shipped_brats_job_completes_with_the_site_policy_applied(federation, tmp_path):
-    jobs = shipped_jobs("brats")  # the sites hold BraTS data
-    assert {"brats_fedavg", "brats_percentile", "brats_gaussian_dp", "brats_fedyogi"} <= set(jobs)
+    jobs = shipped_jobs("brats")
+    assert {"brats_fedavg", "brats_percentile", "brats_gaussian_dp", "brats_fedyogi", "brats_dpsgd"} <= set(jobs)
     submitted = {job: federation.submit(poc_job(job, str(tmp_path))) for job in jobs}
 
     for job, job_id in submitted.items():
@@ -75,6 +87,33 @@ def test_every_shipped_brats_job_completes_with_the_site_policy_applied(federati
         assert os.path.isfile(os.path.join(result, "workspace", "cross_site_val", "cross_val_results.json"))
 
 
+def test_every_shipped_outcome_job_completes_with_exams_whole_table(federation, tmp_path):
+    # the same sites, without a reinstall: each job's executor finds its own data set
+    jobs = outcome_jobs()
+    assert {"heart_disease_fedavg", "heart_disease_fedyogi", "heart_disease_dpsgd", "cxr_emr_fedavg", "cxr_emr_dpsgd"} <= set(jobs)
+    submitted = {job: federation.submit(poc_job(job, str(tmp_path))) for job in jobs}
+
+    for job, job_id in submitted.items():
+        meta = federation.wait(job_id, timeout=900)
+        assert meta["status"] == "FINISHED:COMPLETED", (job, meta)
+        result = federation.download(job_id, str(tmp_path / "results"))
+        records = round_records(result)
+        assert [r["round"] for r in records] == [0, 1], job
+        own = job_filters(job)
+        for record in records:
+            assert sorted(record["aggregation"]["accepted"]) == SITES, (job, record["aggregation"])
+            for site, seen in record["sites"].items():
+                expected = [SITE_FILTER] + [{"filter": name, "source": "job"} for name in own]
+                assert seen["filters_applied"] == expected, (job, site, seen["filters_applied"])
+                if "PatientDPSGDFilter" in own:
+                    assert seen["privacy"][DP_SGD]["epsilon_site"] > 0, (job, site)
+        # the research default releases each site-only model for cross-site evaluation (the
+        # DP-SGD jobs' also pass the job's DP-SGD filter, charged): EXAM's table is whole
+        report = exam_report(result, str(tmp_path / "reports" / job))
+        assert_complete_exam_table(report, SITES)
+        assert report["global_model"].startswith("SRV_"), report["global_model"]
+
+
 def test_a_job_naming_a_scope_no_site_defines_is_refused_with_nvflares_message(federation, tmp_path):
     job_id = federation.submit(poc_job("brats_fedavg", str(tmp_path), name="brats_bad_scope", scope="no_such_scope"))
     meta = federation.wait(job_id, timeout=120)
@@ -85,7 +124,7 @@ def test_a_job_naming_a_scope_no_site_defines_is_refused_with_nvflares_message(f
 
 
 def test_a_client_killed_mid_job_leaves_the_rest_to_finish(federation, tmp_path):
-    job_id = federation.submit(poc_job("brats_fedavg", str(tmp_path), rounds=3, name="brats_lose_one_site"))
+    job_id = federation.submit(poc_job("brats_fedavg", str(tmp_path), rounds=3, name="brats_lose_one_site", local_steps=None))
     _wait_for_rounds(federation, job_id, 1)
     federation.kill("site-3")  # SIGKILL to its watchdog, client and job processes
 
@@ -104,7 +143,7 @@ def test_a_client_killed_below_min_clients_ends_the_job_failed_and_keeps_the_bes
     # site-3 is down since the previous test: two sites are left for a job needing two
     if federation.running("site-3"):
         federation.kill("site-3")
-    job_id = federation.submit(poc_job("brats_fedavg", str(tmp_path), rounds=8, name="brats_below_minimum"))
+    job_id = federation.submit(poc_job("brats_fedavg", str(tmp_path), rounds=8, name="brats_below_minimum", local_steps=None))
     _wait_for_rounds(federation, job_id, 2)
     federation.kill("site-2")
 
