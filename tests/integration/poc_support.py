@@ -14,6 +14,9 @@ from medflare.cli.run_job import job_data_kind
 #: for dropped clients ends 10 s after that instead of 60 + 30 s; otherwise each fault costs minutes.
 FAST_FAILURE_DETECTION = {"NVFLARE_DEAD_CLIENT_GRACE_PERIOD": "10", "NVFLARE_DEAD_CLIENT_CHECK_LEAD_TIME": "10"}
 HEARTBEAT_TIMEOUT = 30
+#: jobs a test federation's server runs at once: every job of a test's batch (NVFlare's POC
+#: default of 4 leaves the fifth waiting for a slot, a minute on two cores)
+MAX_JOBS = 5
 #: seconds the final evaluation waits for a site's scores in the POC tests' job copies
 FINAL_EVAL_TIMEOUT = 30
 

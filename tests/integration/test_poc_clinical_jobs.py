@@ -26,6 +26,7 @@ from tests.integration.job_copies import JOBS_DIR, job_filters, round_records, s
 from tests.integration.poc_support import (
     FAST_FAILURE_DETECTION,
     HEARTBEAT_TIMEOUT,
+    MAX_JOBS,
     POC_LOCAL_STEPS,
     SITES,
     assert_complete_exam_table,
@@ -43,7 +44,7 @@ SITE_DP_SGD = {"filter": "PatientDPSGDFilter", "source": "site"}
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, poc_site_datasets):
     root = tmp_path_factory.mktemp("poc_clinical")
-    fed = PocFederation(str(root), clients=3, env=FAST_FAILURE_DETECTION, heartbeat_timeout=HEARTBEAT_TIMEOUT, log=print)
+    fed = PocFederation(str(root), clients=3, env=FAST_FAILURE_DETECTION, heartbeat_timeout=HEARTBEAT_TIMEOUT, max_jobs=MAX_JOBS, log=print)
     with fed:
         fed.prepare()
         fed.install_server()

@@ -24,6 +24,7 @@ from tests.integration.job_copies import job_filters, round_records, shipped_job
 from tests.integration.poc_support import (
     FAST_FAILURE_DETECTION,
     HEARTBEAT_TIMEOUT,
+    MAX_JOBS,
     SITES,
     assert_complete_exam_table,
     exam_report,
@@ -40,7 +41,7 @@ SITE_FILTER = {"filter": "PercentileSharingFilter", "source": "site"}  # the res
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, poc_site_datasets):
     root = tmp_path_factory.mktemp("poc_federation")
-    fed = PocFederation(str(root), clients=3, env=FAST_FAILURE_DETECTION, heartbeat_timeout=HEARTBEAT_TIMEOUT, log=print)
+    fed = PocFederation(str(root), clients=3, env=FAST_FAILURE_DETECTION, heartbeat_timeout=HEARTBEAT_TIMEOUT, max_jobs=MAX_JOBS, log=print)
     with fed:
         fed.prepare()
         fed.install_server()

@@ -103,6 +103,8 @@ class PocFederation:
             ``NVFLARE_DEAD_CLIENT_GRACE_PERIOD``).
         heartbeat_timeout: seconds without a heartbeat after which the server drops a client
             (NVFlare's default, 600 s, when None).
+        max_jobs: jobs the server runs at once (its job scheduler's ``max_jobs``; NVFlare's POC
+            default, 4, when None). Jobs beyond it wait in ``SUBMITTED`` for a free slot.
         log: where progress lines go (default: nowhere).
     """
 
@@ -112,10 +114,14 @@ class PocFederation:
         clients: int = 2,
         env: Optional[dict] = None,
         heartbeat_timeout: Optional[float] = None,
+        max_jobs: Optional[int] = None,
         log: Callable[[str], None] = lambda m: None,
     ):
         if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
             raise ValueError(f"clients must be an int >= 1, got {clients!r}")
+        if max_jobs is not None and (isinstance(max_jobs, bool) or not isinstance(max_jobs, int) or max_jobs < 1):
+            raise ValueError(f"max_jobs must be an int >= 1 or None, got {max_jobs!r}")
+        self.max_jobs = max_jobs
         self.root = os.path.abspath(root)
         self.clients = clients
         self.extra_env = dict(env or {})
@@ -180,6 +186,12 @@ class PocFederation:
         if self.heartbeat_timeout is not None:
             for server in resources.get("servers", []):
                 server["heart_beat_timeout"] = self.heartbeat_timeout
+        if self.max_jobs is not None:
+            schedulers = [c for c in resources.get("components", []) if c.get("id") == "job_scheduler"]
+            if not schedulers:
+                raise FederationError(f"{source} has no job_scheduler component to set max_jobs on")
+            for scheduler in schedulers:
+                scheduler.setdefault("args", {})["max_jobs"] = self.max_jobs
         with open(os.path.join(local, "resources.json"), "w") as f:
             json.dump(resources, f, indent=2)
 
