@@ -330,4 +330,98 @@ def check_job(job_dir: str, profile: Optional[str] = None, site_workspace: Optio
     site = _site_policy(profile, site_workspace, check)
     if site is not None and client is not None:
         _check_budget(meta, client, rounds, site, check)
+        if check.ok:
+            _check_dp_sgd_budget(meta, client, rounds, site, site_workspace, check)
     return check
+
+
+def _site_dp_sgd_requirement(scope: dict) -> Optional[tuple]:
+    """``(noise_multiplier, max_grad_norm)`` the scope's ``PatientDPSGDFilter`` requires, or None."""
+    for f in scope.get("task_data_filters", []) or []:
+        if isinstance(f, dict) and str(f.get("path", "")).endswith("PatientDPSGDFilter"):
+            args = f.get("args") or {}
+            return float(args.get("noise_multiplier", 0.0)), float(args.get("max_grad_norm", 0.0))
+    return None
+
+
+def _training_cases(site_workspace: str, executor) -> int:
+    """The training cases of the site's data set for ``executor``, as its trainer will count them."""
+    from medflare.audit.scratch_site import open_site
+    from medflare.data.brats_layout import load_datalist
+
+    site = open_site(site_workspace, dataset=executor.dataset_name, dataset_from=executor.dataset_origin)
+    datalist, root = site.data.datalist, site.data.data_root
+    if datalist.lower().endswith(".csv"):
+        from medflare.data.outcome_table import check_outcome_table
+
+        return check_outcome_table(datalist, root)["train"]
+    training, _ = load_datalist(datalist, root)
+    return len(training)
+
+
+def _check_dp_sgd_budget(meta: dict, client: dict, rounds: Optional[int], site, site_workspace: Optional[str], check: JobCheck) -> None:
+    """Patient-level DP-SGD at a fixed noise multiplier (the job's, raised to the site's least, or
+    the site's alone when the job names none) spends, per patient, the epsilon of
+    ``rounds x steps per round x runs`` steps at ``q = m / N`` (``runs`` 2 with the site-only
+    model, whose steps are charged too); that must fit the site's remaining budget. ``N`` is
+    the site's training cases, so this needs the site's workspace, not only its profile.
+
+    Notes:
+        The steps per round are the trainers' (``OutcomeTrainer.dp_sgd_steps``,
+        ``SegmentationTrainer.dp_sgd_steps``): ``local_steps`` when given, else
+        ``epochs * ceil(1 / q)``, at most ``max_steps_per_round``. A ``target_epsilon`` job is
+        checked against the budget directly (:func:`_check_budget`).
+    """
+    from medflare.privacy.accounting import epsilon_of_history
+    from medflare.privacy.dp_sgd import patient_sample_rate, steps_per_epoch
+
+    policy, budget, spent, source = site
+    scopes = {s.get("name"): s for s in policy.get("scopes", []) if isinstance(s, dict)}
+    scope_name = meta.get("scope") or policy.get("default_scope")
+    required = _site_dp_sgd_requirement(scopes.get(scope_name, {}))
+    for entry in client.get("executors", []) or []:
+        component = entry.get("executor") or {}
+        args = component.get("args") or {}
+        dp = args.get("dp_sgd") if isinstance(args.get("dp_sgd"), dict) else None
+        if (dp is None and required is None) or (dp is not None and dp.get("target_epsilon") is not None):
+            continue
+        if budget is None or rounds is None:
+            continue
+        if site_workspace is None:
+            check.checked.append(
+                f"per-patient DP-SGD epsilon not estimated: it depends on each site's patients (give --site-workspace)"
+            )
+            continue
+        try:
+            executor = ConfigBuilder().build_component(copy.deepcopy(component))
+            cases = _training_cases(site_workspace, executor)
+        except Exception as e:  # noqa: BLE001 - the job and the site are checked elsewhere; say why not here
+            check.checked.append(f"per-patient DP-SGD epsilon not estimated ({type(e).__name__}: {str(e)[:200]})")
+            continue
+        z = max(float(dp["noise_multiplier"]) if dp else 0.0, required[0] if required else 0.0)
+        m = int(dp.get("expected_patients_per_step") or args.get("batch_size", 1)) if dp else int(args.get("batch_size", 1))
+        q = patient_sample_rate(m, cases)
+        per_round = args.get("local_steps") or int(args.get("local_epochs", 1)) * steps_per_epoch(q)
+        if args.get("max_steps_per_round") is not None:
+            per_round = min(per_round, int(args["max_steps_per_round"]))
+        runs = 2 if args.get("local_model") == "site_only" else 1
+        remaining = budget.max_epsilon - spent
+
+        def epsilon(r: int) -> float:
+            return epsilon_of_history([(z, q, r * per_round * runs)], budget.delta, budget.accountant)
+
+        planned = epsilon(rounds)
+        check.checked.append(
+            f"DP-SGD at the site: z {z:g}, q {q:.4g} ({m} of {cases} training cases), {per_round} steps x {rounds} rounds"
+            f"{' x 2 (site-only model)' if runs == 2 else ''}: per-patient epsilon {planned:.2f} of {remaining:.2f} left"
+        )
+        if planned > remaining:
+            fits = next((r for r in range(rounds - 1, 0, -1) if epsilon(r) <= remaining), 0)
+            check.problems.append(
+                f"config_fed_server.json num_rounds {rounds}: under scope {scope_name!r} of the {source} the site trains "
+                f"with DP-SGD at z {z:g}, q {q:.4g} ({m} of its {cases} training cases per step), {per_round} steps per "
+                f"round{', twice (the site-only model is charged too)' if runs == 2 else ''}: per-patient epsilon "
+                f"{planned:.2f} at delta {budget.delta:g}, and the site has {remaining:.2f} left (cap "
+                f"{budget.max_epsilon:g}, spent {spent:.2f}): its results would be blocked after round {fits}; use at "
+                f"most {fits} rounds, fewer local steps or a larger noise multiplier"
+            )

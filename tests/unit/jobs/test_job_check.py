@@ -132,3 +132,28 @@ def test_bad_paths_are_named(tmp_path):
     assert "not defined" not in " ".join(check_job(str(tmp_path / "empty"), profile="research").problems)
     with pytest.raises(ValueError, match="not both"):
         check_job(os.path.join(JOBS, "heart_disease_fedavg"), profile="research", site_workspace=str(tmp_path))
+
+
+def test_dp_sgd_at_a_site_is_estimated_from_its_own_patients(tmp_path):
+    """A clinical site trains a job with DP-SGD at its own least noise when the job names none:
+    heart_disease_fedavg as shipped (15 rounds of 100 steps, and the site-only model's as many)
+    would spend far more than epsilon 8 at VA Long Beach's 85 training patients."""
+    from medflare.data.heart_disease import write_heart_sites
+    from tests.unit.audit.audit_sites import client_workspace
+
+    heart = write_heart_sites(str(tmp_path / "heart"))
+    site = client_workspace(tmp_path, "site-4", "clinical", heart["site-4"])
+    (problem,) = check_job(os.path.join(JOBS, "heart_disease_fedavg"), site_workspace=site).problems
+    for part in ("num_rounds 15", "z 1, q 0.04706 (4 of its 85 training cases per step)", "100 steps per round",
+                 "site-only model is charged too", "the site has 8.00 left", "use at most"):
+        assert part in problem, (part, problem)
+    fits = int(problem.rsplit("use at most ", 1)[1].split()[0])
+    assert 0 <= fits < 15
+    # the DP-SGD job asks for more noise and 10 steps: it fits, and says what it will spend
+    check = check_job(os.path.join(JOBS, "heart_disease_dpsgd"), site_workspace=site)
+    assert check.ok, check.problems
+    (line,) = [c for c in check.checked if c.startswith("DP-SGD at the site")]
+    assert "z 1.8, q 0.04706 (4 of 85 training cases), 10 steps x 15 rounds x 2 (site-only model)" in line
+    # a profile has no patients to count: said, not guessed
+    notes = check_job(os.path.join(JOBS, "heart_disease_fedavg"), profile="clinical").checked
+    assert any("not estimated" in n and "--site-workspace" in n for n in notes)
