@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 from tests.integration.job_copies import JOBS_DIR, load_json, shipped_jobs, small_job
 from medflare.cli.run_job import job_data_kind
@@ -62,6 +63,19 @@ def exam_report(result_dir: str, out_dir: str) -> dict:
 
     assert main(["report", result_dir, "--out", out_dir]) == 0, result_dir
     return load_json(os.path.join(out_dir, "exam_report.json"))
+
+
+def matrix_line(profile: str, job: str, status: str, seconds: float, report: Optional[dict] = None) -> str:
+    """One row of the closing note's POC matrix: job, profile, status, wall time and EXAM's means."""
+    line = f"POC matrix: {job} under {profile}: {status} after {seconds:.0f} s"
+    if report is not None:
+        m = report["means"]
+        line += (
+            f"; {report['metric']} mean local/global own {m['local_own']:.3f}/{m['global_own']:.3f}, "
+            f"generalizability {m['local_generalizability']:.3f}/{m['global_generalizability']:.3f} "
+            f"({report['global_model']})"
+        )
+    return line
 
 
 def assert_complete_exam_table(report: dict, sites: list[str]) -> None:

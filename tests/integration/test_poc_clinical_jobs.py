@@ -15,6 +15,7 @@ admitted jobs spend about epsilon 6.1 of 8 at the smallest site; the budget is t
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -31,6 +32,7 @@ from tests.integration.poc_support import (
     SITES,
     assert_complete_exam_table,
     exam_report,
+    matrix_line,
     poc_job,
 )
 
@@ -65,10 +67,12 @@ def test_job_check_admits_exactly_the_jobs_the_clinical_default_can_train():
 
 
 def test_every_admitted_job_completes_with_exams_whole_table_within_the_sites_budget(federation, tmp_path):
+    start = time.time()
     submitted = {job: federation.submit(poc_job(job, str(tmp_path))) for job in ADMITTED}
 
     for job, job_id in submitted.items():
         meta = federation.wait(job_id, timeout=900)
+        seconds = time.time() - start
         assert meta["status"] == "FINISHED:COMPLETED", (job, meta)
         result = federation.download(job_id, str(tmp_path / "results"))
         records = round_records(result)
@@ -84,9 +88,11 @@ def test_every_admitted_job_completes_with_exams_whole_table_within_the_sites_bu
                 assert seen["steps"] is None and seen["global_model_metrics"] == {}, (job, site)  # nothing data-dependent
         if job != "brats_dpsgd":  # the outcome jobs: the site-only models left with DP-SGD, charged
             report = exam_report(result, str(tmp_path / "reports" / job))
+            print(matrix_line("clinical", job, meta["status"], seconds, report))
             assert_complete_exam_table(report, SITES)
             assert report["global_model"] == "SRV_FL_global_model.pt"  # no best model: the scores stay home
         else:
+            print(matrix_line("clinical", job, meta["status"], seconds))
             assert os.path.isfile(os.path.join(result, "workspace", "cross_site_val", "cross_val_results.json"))
 
     # each site's ledger holds every job's releases, composed, within the profile's epsilon 8

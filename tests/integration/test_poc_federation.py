@@ -28,6 +28,7 @@ from tests.integration.poc_support import (
     SITES,
     assert_complete_exam_table,
     exam_report,
+    matrix_line,
     outcome_jobs,
     poc_job,
     rounds_recorded,
@@ -54,10 +55,12 @@ def federation(tmp_path_factory, poc_site_datasets):
 def test_every_shipped_brats_job_completes_with_the_site_policy_applied(federation, tmp_path):
     jobs = shipped_jobs("brats")
     assert {"brats_fedavg", "brats_percentile", "brats_gaussian_dp", "brats_fedyogi", "brats_dpsgd"} <= set(jobs)
+    start = time.time()
     submitted = {job: federation.submit(poc_job(job, str(tmp_path))) for job in jobs}
 
     for job, job_id in submitted.items():
         meta = federation.wait(job_id, timeout=900)
+        print(matrix_line("research", job, meta["status"], time.time() - start))
         assert meta["status"] == "FINISHED:COMPLETED", (job, meta)
         result = federation.download(job_id, str(tmp_path / "results"))
 
@@ -92,10 +95,12 @@ def test_every_shipped_outcome_job_completes_with_exams_whole_table(federation, 
     # the same sites, without a reinstall: each job's executor finds its own data set
     jobs = outcome_jobs()
     assert {"heart_disease_fedavg", "heart_disease_fedyogi", "heart_disease_dpsgd", "cxr_emr_fedavg", "cxr_emr_dpsgd"} <= set(jobs)
+    start = time.time()
     submitted = {job: federation.submit(poc_job(job, str(tmp_path))) for job in jobs}
 
     for job, job_id in submitted.items():
         meta = federation.wait(job_id, timeout=900)
+        seconds = time.time() - start
         assert meta["status"] == "FINISHED:COMPLETED", (job, meta)
         result = federation.download(job_id, str(tmp_path / "results"))
         records = round_records(result)
@@ -111,6 +116,7 @@ def test_every_shipped_outcome_job_completes_with_exams_whole_table(federation, 
         # the research default releases each site-only model for cross-site evaluation (the
         # DP-SGD jobs' also pass the job's DP-SGD filter, charged): EXAM's table is whole
         report = exam_report(result, str(tmp_path / "reports" / job))
+        print(matrix_line("research", job, meta["status"], seconds, report))
         assert_complete_exam_table(report, SITES)
         assert report["global_model"].startswith("SRV_"), report["global_model"]
 
