@@ -34,7 +34,9 @@ def _small_job(tmp_path, name="brats_fedavg"):
     return job, initial
 
 
-@pytest.mark.parametrize("name", ["brats_fedavg", "brats_fedyogi"])
+# brats_fedyogi differs only in the server's optimizer (unit-tested in tests/unit/aggregators/):
+# it runs end to end through POC with every other shipped job (tests/integration/test_poc_federation.py)
+@pytest.mark.parametrize("name", ["brats_fedavg"])
 def test_fedavg_jobs_run_in_the_simulator(tmp_path, name):
     job, initial = _small_job(tmp_path, name)
     lines = []

@@ -215,13 +215,21 @@ def test_a_non_dp_job_is_refused_at_every_clinical_site_and_charges_nothing(fede
     with open(os.path.join(result, "workspace", "log.txt"), errors="replace") as f:
         server_log = f.read()
     assert "ACCEPTED by the aggregator" not in server_log
+    refused = []
     for site in SITES:
         assert len(_releases(federation, site)) == before[site], site  # no epsilon charged
-        lines = _blocked_lines(federation, site, job_id, 1, "requires patient-level DP-SGD")
-        assert lines, site
+        # a site whose job process starts late may find the run already ended by the server
+        # (two refusals leave fewer than min_clients 2): then it never received a train task
+        lines = _blocked_lines(federation, site, job_id, 1, "requires patient-level DP-SGD", timeout=20.0)
+        if not lines:
+            assert not _blocked_lines(federation, site, job_id, 1, "Task name:train", timeout=0.0), site
+            print(f"{site}: the run ended before it received a train task")
+            continue
+        refused.append(site)
         print(f"{site} refused {job_id}: {lines[0].strip()}")
         for part in ("(BatchNorm2d) mixes patients in a batch", "use GroupNorm", "jobs/cxr_emr_dpsgd", "nothing sent"):
             assert part in lines[0], (site, part, lines[0])
+    assert len(refused) >= 2, refused  # what ended the job: at least two of the three refused
 
 
 def test_an_exhausted_budget_blocks_results_across_jobs_and_a_client_restart(federation, first_job, tmp_path, one_round_budget):
