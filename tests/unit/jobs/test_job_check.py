@@ -157,3 +157,17 @@ def test_dp_sgd_at_a_site_is_estimated_from_its_own_patients(tmp_path):
     # a profile has no patients to count: said, not guessed
     notes = check_job(os.path.join(JOBS, "heart_disease_fedavg"), profile="clinical").checked
     assert any("not estimated" in n and "--site-workspace" in n for n in notes)
+
+
+def test_a_site_whose_data_cannot_be_read_gets_no_dp_sgd_estimate_and_is_told_why(tmp_path):
+    from medflare.sites.site_profiles import resolve_profile
+
+    local = tmp_path / "site-1" / "local"
+    local.mkdir(parents=True)
+    profile = resolve_profile("clinical")
+    for name in ("privacy.json", "medflare_privacy_budget.json"):
+        shutil.copyfile(os.path.join(profile.folder, name), local / name)
+    check = check_job(os.path.join(JOBS, "heart_disease_fedavg"), site_workspace=str(tmp_path / "site-1"))
+    assert check.ok, check.problems  # the job is fine; the site's data is the site's problem
+    (note,) = [c for c in check.checked if "not estimated" in c]
+    assert "no data configuration for site 'site-1'" in note, note
