@@ -35,7 +35,7 @@ import numpy as np
 from medflare.data.data_errors import DataListError
 from medflare.data.data_root_paths import path_in_data_root
 
-__all__ = ["OutcomeCase", "SPLITS", "check_columns", "check_outcome_table", "load_outcome_table", "read_xray"]
+__all__ = ["OutcomeCase", "SPLITS", "check_columns", "check_outcome_table", "count_cases", "load_outcome_table", "read_xray"]
 
 SPLITS = ("train", "test")
 
@@ -147,6 +147,22 @@ def _read_rows(path: str, needed: Sequence[str]) -> list[dict]:
     if missing:
         raise DataListError(f"outcome table {path} lacks column(s) {missing}; it has {header}")
     return rows
+
+
+def count_cases(path: str) -> dict[str, int]:
+    """``{"train": n, "test": m}`` from the table's ``split`` column, without reading an image
+    (what a plan needs; :func:`check_outcome_table` checks the contents).
+
+    Raises:
+        DataListError: the table cannot be read, or a split is unknown, naming the file and line.
+    """
+    counts = dict.fromkeys(SPLITS, 0)
+    for line, row in enumerate(_read_rows(path, ["case_id", "split"]), start=2):
+        split = (row["split"] or "").strip()
+        if split not in SPLITS:
+            raise DataListError(f"{path} line {line}: split must be one of {list(SPLITS)}, got {split!r}")
+        counts[split] += 1
+    return counts
 
 
 def check_outcome_table(path: str, data_root: str, image_column: str = "image") -> dict[str, int]:

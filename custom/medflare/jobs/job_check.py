@@ -196,8 +196,8 @@ def _check_budget(meta: dict, client: dict, rounds: Optional[int], site, check: 
     from medflare.privacy.accounting import epsilon_of_history
 
     policy, budget, spent, source = site
-    scopes = {s.get("name"): s for s in policy.get("scopes", []) if isinstance(s, dict)}
-    scope_name = meta.get("scope") or policy.get("default_scope")
+    scopes = _scopes(policy)
+    scope_name = _scope_name(meta, policy)
     if meta.get("scope") is not None and meta["scope"] not in scopes:
         check.problems.append(
             f"meta.json: scope {meta['scope']!r} is not defined by the {source} ({sorted(scopes)}); the site refuses "
@@ -206,7 +206,7 @@ def _check_budget(meta: dict, client: dict, rounds: Optional[int], site, check: 
         return
     scope = scopes.get(scope_name, {})
     check.checked.append(f"scope {scope_name!r} of the {source}")
-    if any(str(f.get("path", "")).endswith("PatientDPSGDFilter") for f in scope.get("task_data_filters", []) or [] if isinstance(f, dict)):
+    if _site_dp_sgd_requirement(scope) is not None:
         _check_dp_sgd_network(client, scope_name, source, check)
     if budget is None or rounds is None:
         return
@@ -335,6 +335,15 @@ def check_job(job_dir: str, profile: Optional[str] = None, site_workspace: Optio
     return check
 
 
+def _scopes(policy: dict) -> dict:
+    return {s.get("name"): s for s in policy.get("scopes", []) if isinstance(s, dict)}
+
+
+def _scope_name(meta: dict, policy: dict):
+    """The scope a site applies to the job: the one ``meta.json`` names, else the site's default."""
+    return meta.get("scope") or policy.get("default_scope")
+
+
 def _site_dp_sgd_requirement(scope: dict) -> Optional[tuple]:
     """``(noise_multiplier, max_grad_norm)`` the scope's ``PatientDPSGDFilter`` requires, or None."""
     for f in scope.get("task_data_filters", []) or []:
@@ -352,9 +361,9 @@ def _training_cases(site_workspace: str, executor) -> int:
     site = open_site(site_workspace, dataset=executor.dataset_name, dataset_from=executor.dataset_origin)
     datalist, root = site.data.datalist, site.data.data_root
     if datalist.lower().endswith(".csv"):
-        from medflare.data.outcome_table import check_outcome_table
+        from medflare.data.outcome_table import count_cases
 
-        return check_outcome_table(datalist, root)["train"]
+        return count_cases(datalist)["train"]
     training, _ = load_datalist(datalist, root)
     return len(training)
 
@@ -367,18 +376,16 @@ def _check_dp_sgd_budget(meta: dict, client: dict, rounds: Optional[int], site, 
     the site's training cases, so this needs the site's workspace, not only its profile.
 
     Notes:
-        The steps per round are the trainers' (``OutcomeTrainer.dp_sgd_steps``,
-        ``SegmentationTrainer.dp_sgd_steps``): ``local_steps`` when given, else
-        ``epochs * ceil(1 / q)``, at most ``max_steps_per_round``. A ``target_epsilon`` job is
+        The steps per round are the trainers' (:func:`medflare.privacy.dp_sgd.planned_steps`):
+        ``local_steps`` when given, else ``epochs * ceil(1 / q)``, at most ``max_steps_per_round``. A ``target_epsilon`` job is
         checked against the budget directly (:func:`_check_budget`).
     """
     from medflare.privacy.accounting import epsilon_of_history
-    from medflare.privacy.dp_sgd import patient_sample_rate, steps_per_epoch
+    from medflare.privacy.dp_sgd import patient_sample_rate, planned_steps
 
     policy, budget, spent, source = site
-    scopes = {s.get("name"): s for s in policy.get("scopes", []) if isinstance(s, dict)}
-    scope_name = meta.get("scope") or policy.get("default_scope")
-    required = _site_dp_sgd_requirement(scopes.get(scope_name, {}))
+    scope_name = _scope_name(meta, policy)
+    required = _site_dp_sgd_requirement(_scopes(policy).get(scope_name, {}))
     for entry in client.get("executors", []) or []:
         component = entry.get("executor") or {}
         args = component.get("args") or {}
@@ -389,7 +396,7 @@ def _check_dp_sgd_budget(meta: dict, client: dict, rounds: Optional[int], site, 
             continue
         if site_workspace is None:
             check.checked.append(
-                f"per-patient DP-SGD epsilon not estimated: it depends on each site's patients (give --site-workspace)"
+                "per-patient DP-SGD epsilon not estimated: it depends on each site's patients (give --site-workspace)"
             )
             continue
         try:
@@ -401,9 +408,7 @@ def _check_dp_sgd_budget(meta: dict, client: dict, rounds: Optional[int], site, 
         z = max(float(dp["noise_multiplier"]) if dp else 0.0, required[0] if required else 0.0)
         m = int(dp.get("expected_patients_per_step") or args.get("batch_size", 1)) if dp else int(args.get("batch_size", 1))
         q = patient_sample_rate(m, cases)
-        per_round = args.get("local_steps") or int(args.get("local_epochs", 1)) * steps_per_epoch(q)
-        if args.get("max_steps_per_round") is not None:
-            per_round = min(per_round, int(args["max_steps_per_round"]))
+        per_round = planned_steps(int(args.get("local_epochs", 1)), q, args.get("local_steps"), args.get("max_steps_per_round"))
         runs = 2 if args.get("local_model") == "site_only" else 1
         remaining = budget.max_epsilon - spent
 

@@ -69,6 +69,7 @@ from medflare.privacy.accounting import check_accountant, epsilon_of_history
 from medflare.privacy.argument_checks import check_int, check_real
 
 __all__ = [
+    "planned_steps",
     "DPSGDSettings",
     "DPSGDRequirement",
     "DPSGDTarget",
@@ -328,6 +329,14 @@ def steps_per_epoch(sample_rate: float) -> int:
     """:math:`\\lceil 1 / q \\rceil`: steps that see each patient once in expectation."""
     check_real("sample_rate", sample_rate, 0.0, 1.0, low_open=True)
     return max(1, math.ceil(1.0 / sample_rate - 1e-9))
+
+
+def planned_steps(epochs: int, sample_rate: float, steps: Optional[int] = None, max_steps: Optional[int] = None) -> int:
+    """DP-SGD steps of one local round: ``steps`` when given, else ``epochs * ceil(1 / q)``, at
+    most ``max_steps``. The trainers take this many (unless aborted), and ``medflare job check``
+    plans a site's epsilon with it."""
+    planned = steps if steps is not None else epochs * steps_per_epoch(sample_rate)
+    return planned if max_steps is None else min(planned, max_steps)
 
 
 def poisson_sample(num_patients: int, sample_rate: float, generator: Optional[torch.Generator] = None, uniform=None) -> torch.Tensor:

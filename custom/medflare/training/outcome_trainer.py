@@ -37,7 +37,7 @@ from medflare.privacy.dp_sgd import (
     dp_sgd_record,
     parse_dp_sgd_settings,
     patient_sample_rate,
-    steps_per_epoch,
+    planned_steps,
 )
 from medflare.training.device import select_device
 from medflare.training.dp_sgd_step import DPSGDRandomness, DPSGDStep
@@ -299,7 +299,7 @@ class OutcomeTrainer:
         if steps is not None:
             return _positive_int("steps", steps)
         q = patient_sample_rate(expected_patients_per_step, self.num_train_cases)
-        return _positive_int("epochs", epochs) * steps_per_epoch(q)
+        return planned_steps(_positive_int("epochs", epochs), q)
 
     def _train_dp_sgd(
         self, settings: DPSGDSettings, epochs: int, steps: Optional[int], should_abort: Callable[[], bool]

@@ -29,7 +29,7 @@ from medflare.privacy.dp_sgd import (
     dp_sgd_record,
     parse_dp_sgd_settings,
     patient_sample_rate,
-    steps_per_epoch,
+    planned_steps,
 )
 from medflare.training.model_weights import TrainResult, WeightMismatchError, get_weights, set_weights, weight_diff
 
@@ -240,8 +240,8 @@ class SegmentationTrainer:
         """The DP-SGD steps ``train(epochs, max_steps, dp_sgd)`` takes unless aborted, for settings
         of ``expected_patients_per_step``: ``epochs * ceil(1 / q)``, at most ``max_steps``."""
         q = patient_sample_rate(expected_patients_per_step, self.num_train_cases)
-        planned = _positive_int("epochs", epochs) * steps_per_epoch(q)
-        return planned if max_steps is None else min(planned, _positive_int("max_steps", max_steps))
+        cap = None if max_steps is None else _positive_int("max_steps", max_steps)
+        return planned_steps(_positive_int("epochs", epochs), q, max_steps=cap)
 
     def _train_dp_sgd(
         self, settings: DPSGDSettings, epochs: int, max_steps: Optional[int], should_abort: Callable[[], bool]

@@ -425,3 +425,17 @@ def test_other_png_modes_become_one_greyscale_plane(tmp_path, mode):
     path = tmp_path / f"{mode}.png"
     Image.fromarray(array).convert(mode).save(path)
     assert read_xray(str(path)).shape == (10, 12)
+
+
+def test_count_cases_counts_splits_without_reading_images_and_refuses_a_bad_split(tmp_path):
+    from medflare.data.brats_layout import DataListError
+    from medflare.data.outcome_table import count_cases
+
+    table = tmp_path / "t.csv"
+    table.write_text("case_id,split,image\na,train,missing.png\nb,train,missing.png\nc,test,missing.png\n")
+    assert count_cases(str(table)) == {"train": 2, "test": 1}  # the images do not exist: not read
+    table.write_text("case_id,split\na,train\nb,validation\n")
+    with pytest.raises(DataListError, match=r"line 3: split must be one of \['train', 'test'\], got 'validation'"):
+        count_cases(str(table))
+    with pytest.raises(DataListError):
+        count_cases(str(tmp_path / "none.csv"))

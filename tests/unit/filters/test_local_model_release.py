@@ -164,6 +164,8 @@ def test_sparse_entries_with_bad_values_are_refused_and_filters_that_compute_ref
     with pytest.raises(UnsafeUpdateError, match="NaN"):
         PatientDPSGDFilter(1.0, 1.0).process(bad, _ctx(local, "train"))
     assert not (local / LEDGER_FILE_NAME).exists()  # refused before anything was charged
+    with pytest.raises(UnsafeUpdateError, match="parameter names"):
+        PatientDPSGDFilter(1.0, 1.0).process(_model({DP_SGD: _record()}, DataKind.WEIGHT_DIFF, {7: tensor}), _ctx(local, "train"))
     # a filter that computes on the values (noise, clipping) cannot take sparse entries
     with pytest.raises(UnsafeUpdateError, match="SparseTensor"):
         GaussianPrivacyFilter(clipping_norm=1.0, noise_multiplier=2.4).process(sparse, _ctx(local, "train"))

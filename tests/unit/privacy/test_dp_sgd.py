@@ -302,3 +302,13 @@ def test_known_epsilon_and_the_noise_for_a_target():
 def test_accounting_refuses_out_of_range_arguments(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=message):
         dp_sgd_epsilon(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "epochs, q, steps, max_steps, expected",
+    [(1, 0.1, None, None, 10), (2, 0.3, None, None, 8), (1, 1.0, None, None, 1), (3, 0.1, 5, None, 5), (1, 0.1, None, 4, 4), (1, 0.5, None, 9, 2)],
+)
+def test_planned_steps_is_what_the_trainers_take_per_round(epochs, q, steps, max_steps, expected):
+    from medflare.privacy.dp_sgd import planned_steps
+
+    assert planned_steps(epochs, q, steps, max_steps) == expected
