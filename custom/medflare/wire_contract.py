@@ -53,9 +53,13 @@ __all__ = [
     "DP_SGD_REQUIRED",
     "DP_SGD_RECORD",
     "AGGREGATION",
+    "ENCRYPTION",
+    "HE_PROCESSED_KEYS",
+    "HE_ALGORITHM",
     "LOCAL_MODEL",
     "LOCAL_MODEL_KINDS",
     "CURRENT_ROUND",
+    "WEIGHT_KEYS",
     "RESULT_META",
     "RESULT_HEADERS",
     "DATA_DEPENDENT_META",
@@ -101,10 +105,18 @@ DP_SGD_REQUIRED = "medflare_dp_sgd_required"
 #: full update)
 LOCAL_MODEL = "medflare_local_model"
 LOCAL_MODEL_KINDS = ("site_only", "last_round")
+#: the site's record of an encrypted result: scheme, what it weighted by and the weight, the norm
+#: bound the site checked before encrypting (the server can check neither on ciphertexts)
+ENCRYPTION = "medflare_encryption"
+#: NVFlare's HE meta: ``{parameter name: True}`` for every encrypted entry, and the scheme name
+HE_PROCESSED_KEYS = MetaKey.PROCESSED_KEYS
+HE_ALGORITHM = MetaKey.PROCESSED_ALGORITHM
 #: the server's record of a round's aggregation (server-side only: a site never sends it)
 AGGREGATION = "medflare_aggregation"
 #: the round the result belongs to, a header the executor sets for the filters and the ledger
 CURRENT_ROUND = AppConstants.CURRENT_ROUND
+#: the counts a site may send that the server may weight by
+WEIGHT_KEYS = (NUM_STEPS, NUM_TRAIN_CASES)
 
 #: data kinds without model parameters that a filter may let through after checking that their
 #: data is a flat mapping of names to numbers (see :func:`check_scalar_mapping`)
@@ -249,6 +261,26 @@ def check_scalar_mapping(where: str, value, max_entries: int = MAX_METRICS) -> d
     return out
 
 
+#: most parameters an encrypted result may name (a model's state dict)
+MAX_PARAMETERS = 10_000
+
+
+def _encrypted_names(where: str, value):
+    """NVFlare's PROCESSED_KEYS as medflare sends it: every parameter name mapped to True."""
+    if not isinstance(value, Mapping) or not value or len(value) > MAX_PARAMETERS:
+        _fail(f"{where} must be a mapping of 1 to {MAX_PARAMETERS} parameter names to true, got {type(value).__name__}")
+    out = {}
+    for key, flag in value.items():
+        name = _identifier(f"{where} key", key)
+        if flag is not True:
+            _fail(f"{where}[{name!r}] must be true (medflare encrypts every entry), got {flag!r:.40}")
+        out[name] = True
+    return out
+
+
+_encrypted_names.describe = f"mapping of at most {MAX_PARAMETERS} parameter names to true"
+
+
 def _metrics(where: str, value):
     return check_scalar_mapping(where, value)
 
@@ -317,6 +349,14 @@ _SHARING_RECORD = _record(
     sparse=_boolean,
 )
 
+_ENCRYPTION_RECORD = _record(
+    scheme=_one_of("CKKS"),
+    weighted_by=_one_of("equal", NUM_STEPS, NUM_TRAIN_CASES),
+    weight=_real(0.0, above=True),
+    max_update_norm=_real(0.0, allow_none=True, above=True),
+    num_values=_integer(1),
+)
+
 _APPLIED_RECORD = _record(filter=_identifier, source=_one_of("site", "job", "unknown"))
 
 
@@ -342,6 +382,11 @@ RESULT_META: dict[str, DeclaredKey] = _declare(
                 "the sharing parameters and how many entries were shared (fixed by the model's size)"),
     DeclaredKey(GAUSSIAN_DP, _GAUSSIAN_RECORD, False, "filter",
                 "the noise parameters and the epsilon spent (the count of the site's releases)"),
+    DeclaredKey(ENCRYPTION, _ENCRYPTION_RECORD, False, "filter",
+                "that the result is CKKS-encrypted, the weight the site multiplied by before encrypting (1, or "
+                "the released count it names), the norm bound it checked, and the model's size"),
+    DeclaredKey(HE_PROCESSED_KEYS, _encrypted_names, False, "filter", "the encrypted parameters' names (the model's)"),
+    DeclaredKey(HE_ALGORITHM, _one_of("CKKS"), False, "filter", "the encryption scheme"),
     DeclaredKey(LOCAL_MODEL, _one_of(*LOCAL_MODEL_KINDS), False, "executor",
                 "which model a submit_model result is (the job's local_model setting)"),
     DeclaredKey(DP_SGD, DP_SGD_RECORD, False, "executor",

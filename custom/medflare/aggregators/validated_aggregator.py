@@ -41,7 +41,7 @@ from medflare.aggregators.contribution_checks import (
 from medflare.aggregators.estimators import ESTIMATORS, combine, total_weight
 from medflare.privacy.argument_checks import check_int, check_real
 from medflare.transport.sparse_update import SparseTensor, decode_sparse, decode_sparse_with_masks, register_sparse_decomposers
-from medflare.wire_contract import AGGREGATION, NUM_STEPS, NUM_TRAIN_CASES, PERCENTILE_SHARING
+from medflare.wire_contract import AGGREGATION, NUM_STEPS, PERCENTILE_SHARING, WEIGHT_KEYS
 
 __all__ = ["ValidatedAggregator", "AGGREGATION_META_KEY"]
 
@@ -49,8 +49,6 @@ __all__ = ["ValidatedAggregator", "AGGREGATION_META_KEY"]
 AGGREGATION_META_KEY = AGGREGATION
 
 _UNWEIGHTED = ("median", "trimmed_mean")
-#: the meta keys a site may send that are weights (counts), from the wire contract
-WEIGHT_KEYS = (NUM_STEPS, NUM_TRAIN_CASES)
 
 
 class ValidatedAggregator(Aggregator):

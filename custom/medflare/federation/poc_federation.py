@@ -105,6 +105,9 @@ class PocFederation:
             (NVFlare's default, 600 s, when None).
         max_jobs: jobs the server runs at once (its job scheduler's ``max_jobs``; NVFlare's POC
             default, 4, when None). Jobs beyond it wait in ``SUBMITTED`` for a free slot.
+        he: provision CKKS keys for homomorphic encryption (``nvflare poc prepare -he``: NVFlare's
+            ``HEBuilder`` writes ``server_context.tenseal``, without the secret key, and
+            ``client_context.tenseal`` into the startup kits), for the HE jobs.
         log: where progress lines go (default: nowhere).
     """
 
@@ -115,13 +118,17 @@ class PocFederation:
         env: Optional[dict] = None,
         heartbeat_timeout: Optional[float] = None,
         max_jobs: Optional[int] = None,
+        he: bool = False,
         log: Callable[[str], None] = lambda m: None,
     ):
         if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
             raise ValueError(f"clients must be an int >= 1, got {clients!r}")
         if max_jobs is not None and (isinstance(max_jobs, bool) or not isinstance(max_jobs, int) or max_jobs < 1):
             raise ValueError(f"max_jobs must be an int >= 1 or None, got {max_jobs!r}")
+        if not isinstance(he, bool):
+            raise TypeError(f"he must be true or false, got {he!r}")
         self.max_jobs = max_jobs
+        self.he = he
         self.root = os.path.abspath(root)
         self.clients = clients
         self.extra_env = dict(env or {})
@@ -158,9 +165,11 @@ class PocFederation:
 
     # ---- set-up -------------------------------------------------------------------------
     def prepare(self) -> None:
-        """``nvflare poc prepare -n N`` into ``root/poc`` (replacing an earlier one)."""
+        """``nvflare poc prepare -n N`` (with ``-he`` when asked) into ``root/poc`` (replacing an earlier one)."""
         os.makedirs(self.home, exist_ok=True)
         cmd = [sys.executable, "-m", "nvflare.cli", "poc", "prepare", "-n", str(self.clients), "--force"]
+        if self.he:
+            cmd.append("-he")
         env = self._env("server")
         env["HOME"] = self.home  # prepare writes ~/.nvflare/config.conf: not the user's
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -66,11 +66,17 @@ _DXO_KEY = "DXO"
 _DXO_FIELDS = frozenset({"kind", "data", "meta"})
 
 
-def _released_arrays(data) -> dict:
+def _released_arrays(data, ciphertexts: bool = False) -> dict:
     """The filtered data as it goes on the wire: numpy arrays (a tensor left on an accelerator
-    by a torch path is copied back) or sparse tensors, every floating value finite."""
+    by a torch path is copied back) or sparse tensors, every floating value finite; or, from a
+    filter that encrypts, serialized ciphertexts and nothing else."""
     if not isinstance(data, dict) or not data:
         raise UnsafeUpdateError(f"the filter released {type(data).__name__}, not a non-empty mapping; nothing released")
+    if ciphertexts:
+        plain = sorted(str(k) for k, v in data.items() if not isinstance(v, bytes))
+        if plain:
+            raise UnsafeUpdateError(f"the encrypting filter left {plain[:5]} unencrypted; nothing released")
+        return dict(data)
     out = {}
     for key, value in data.items():
         if isinstance(value, SparseTensor):
@@ -120,6 +126,9 @@ class FailClosedDXOFilter(Filter):
     #: (a filter that checks and charges, and changes no value, can; one that computes on
     #: the values cannot, and refuses them)
     accepts_sparse_entries = False
+    #: whether :meth:`filter_dxo` releases serialized ciphertexts (every entry ``bytes``) rather
+    #: than arrays; only an encrypting filter, which must be the last of the site's chain, does
+    releases_ciphertexts = False
 
     def __init__(
         self,
@@ -237,7 +246,11 @@ class FailClosedDXOFilter(Filter):
         filtered = self.filter_dxo(dxo, shareable, fl_ctx)
         if not isinstance(filtered, DXO) or filtered is dxo or filtered.data is dxo.data:
             raise UnsafeUpdateError("the filter produced no new DXO; nothing released")
-        filtered = DXO(data_kind=filtered.data_kind, data=_released_arrays(filtered.data), meta=dict(filtered.meta or {}))
+        filtered = DXO(
+            data_kind=filtered.data_kind,
+            data=_released_arrays(filtered.data, self.releases_ciphertexts),
+            meta=dict(filtered.meta or {}),
+        )
         filtered.add_filter_history(name)
         applied = list(filtered.get_meta_prop(FILTERS_APPLIED) or [])
         applied.append({"filter": name, "source": self.get_prop(FilterContextKey.SOURCE, "unknown")})

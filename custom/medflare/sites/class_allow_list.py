@@ -18,6 +18,7 @@ MEDFLARE_CLASS_ALLOW_LIST = (
     "medflare.",
     "monai.networks.nets.",
     "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
+    "nvflare.app_opt.he.",  # NVFlare's HE components (its default list lacks HECrossSiteModelEval)
 )
 
 

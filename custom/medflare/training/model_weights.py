@@ -48,6 +48,10 @@ def get_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
 def set_weights(model: torch.nn.Module, weights: Mapping[str, object]) -> None:
     """Load a full state (numpy arrays or tensors), refusing anything that does not fit exactly.
 
+    A flat vector with exactly an entry's number of values is reshaped to it (NVFlare's HE
+    decryptor returns each parameter flat, as ``HEPTModelReaderWriter`` expects); an integer
+    entry (a BatchNorm counter) sent as reals is rounded.
+
     Raises:
         WeightMismatchError: naming missing keys, unexpected keys or the first bad shape.
     """
@@ -59,8 +63,13 @@ def set_weights(model: torch.nn.Module, weights: Mapping[str, object]) -> None:
     new_state = {}
     for key, ref in state.items():
         value = torch.as_tensor(np.asarray(weights[key]) if not torch.is_tensor(weights[key]) else weights[key])
+        if value.ndim == 1 and value.numel() == ref.numel() and tuple(value.shape) != tuple(ref.shape):
+            # a flat vector of exactly the entry's size: how a decrypted CKKS vector arrives
+            value = value.reshape(ref.shape)
         if tuple(value.shape) != tuple(ref.shape):
             raise WeightMismatchError(f"weight {key!r} has shape {tuple(value.shape)}, the model needs {tuple(ref.shape)}")
+        if value.is_floating_point() and not ref.is_floating_point():
+            value = torch.round(value)  # a counter that travelled as an approximate real (CKKS)
         new_state[key] = value.to(dtype=ref.dtype)
     model.load_state_dict(new_state, strict=True)
 

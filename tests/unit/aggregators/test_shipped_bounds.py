@@ -34,12 +34,14 @@ MEASURED_PLAIN_NORM = {
     "brats_fedavg": 30.0,
     "brats_fedyogi": 30.0,
     "brats_gaussian_dp": 30.0,
+    "brats_he": 30.0,
     "brats_percentile": 30.0,
     "cxr_emr_dpsgd": 53.4,
     "cxr_emr_fedavg": 16.2,
     "heart_disease_dpsgd": 0.44,
     "heart_disease_fedavg": 0.063,
     "heart_disease_fedyogi": 0.19,
+    "heart_disease_he": 0.063,
 }
 #: (max_update_norm, max_weight) as documented in docs/aggregation.md
 DOCUMENTED = {
@@ -47,12 +49,14 @@ DOCUMENTED = {
     "brats_fedavg": (2700.0, 2400),
     "brats_fedyogi": (2700.0, 2400),
     "brats_gaussian_dp": (1900.0, 2400),
+    "brats_he": (40.0, 2400),
     "brats_percentile": (40.0, 2400),
     "cxr_emr_dpsgd": (1400.0, 1800),
     "cxr_emr_fedavg": (1400.0, 1800),
     "heart_disease_dpsgd": (25.0, 20000),
     "heart_disease_fedavg": (25.0, 20000),
     "heart_disease_fedyogi": (25.0, 20000),
+    "heart_disease_he": (40.0, 20000),
 }
 
 
@@ -65,7 +69,19 @@ def _aggregator_args(job):
     return next(c for c in _config(job, "server")["components"] if c["id"] == "aggregator")["args"]
 
 
-def _site_scopes():
+def _encrypted(job) -> bool:
+    return next(c for c in _config(job, "server")["components"] if c["id"] == "aggregator")["path"].endswith("EncryptedSumAggregator")
+
+
+def _encrypting(filters) -> bool:
+    return bool(filters) and filters[-1]["path"].endswith("HEUpdateEncryptor")
+
+
+def _site_scopes(job=None):
+    """Every shipped scope; for a job, those whose results its aggregator can take (an HE job
+    takes only what a scope ending with the encryptor sends, a plain job never that)."""
+    if job is not None:
+        return [(name, f) for name, f in _site_scopes() if _encrypting(f) == _encrypted(job)]
     scopes = []
     for path in sorted(glob.glob(os.path.join(REPO, "site_configs", "*", "privacy.json"))):
         with open(path) as f:
@@ -90,6 +106,9 @@ def _apply(update, filters, rng_seed):
             update, _ = share_largest_fraction(update, args["fraction_shared"], args.get("gamma"))
         elif name == "PatientDPSGDFilter":
             pass  # DP-SGD's noise is added in training, at every step; the filter checks its record only
+        elif name == "HEUpdateEncryptor":  # the site checks the norm the server cannot, then encrypts
+            norm = math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in update.values() if v.dtype.kind == "f"))
+            assert norm <= args["max_update_norm"], f"the site's encryptor refuses an honest update of norm {norm:.4g}"
         else:
             raise AssertionError(f"no pure function known for {component['path']}; add it to this test")
     return update
@@ -127,12 +146,22 @@ def _plain_update(job):
 def test_the_norm_bound_admits_every_shipped_site_profile(job):
     plain, spec = _plain_update(job)
     bound = _aggregator_args(job)["max_update_norm"]
+    scopes = _site_scopes(job)
+    assert scopes, f"{job}: no shipped scope sends what its aggregator takes"
     norms = {}
-    for seed, (scope, site_filters) in enumerate(_site_scopes()):
+    for seed, (scope, site_filters) in enumerate(scopes):
         released = _apply(plain, site_filters + _job_filters(job), 100 * seed)
-        _, norms[scope] = checked_contribution(released, spec, bound)  # raises when refused
+        if _encrypted(job):  # the server sees the bound the site checked, not the norm
+            site_bound = site_filters[-1]["args"]["max_update_norm"]
+            assert site_bound <= bound, f"{job}: {scope} checks {site_bound}, the job admits at most {bound}"
+            norms[scope] = site_bound
+        else:
+            _, norms[scope] = checked_contribution(released, spec, bound)  # raises when refused
     d = sum(math.prod(shape) for shape, dtype in spec.values() if np.dtype(dtype).kind == "f")
-    envelope = max(_envelope(f + _job_filters(job), d, MEASURED_PLAIN_NORM[job]) for _, f in _site_scopes())
+    envelope = max(_envelope(f + _job_filters(job), d, MEASURED_PLAIN_NORM[job]) for _, f in scopes)
+    if _encrypted(job):  # every honest update passes the sites' check; the job's bound is theirs
+        assert envelope <= min(norms.values()) and bound == max(norms.values()), (norms, envelope, bound)
+        return
     assert max(norms.values()) <= envelope * (1 + 1e-6) and envelope <= bound, (norms, envelope)  # float32 gamma
     assert bound <= 1.2 * envelope, f"{job}: max_update_norm {bound} is looser than needed ({envelope:.4g})"
 

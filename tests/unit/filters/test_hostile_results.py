@@ -29,7 +29,9 @@ from nvflare.app_common.app_constant import AppConstants
 from medflare.privacy.site_budget import SITE_BUDGET_FILE_NAME
 from medflare.privacy.update_checks import UnsafeUpdateError
 from medflare.transport.sparse_update import SparseTensor, decode_sparse
+from medflare.transport.ckks_update import decrypt_update
 from medflare.wire_contract import DATA_DEPENDENT_META, RESULT_HEADERS, RESULT_META
+from tests.he_keys import contexts, install_contexts
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 
@@ -71,6 +73,7 @@ def fl_ctx(tmp_path):
     (tmp_path / "local" / SITE_BUDGET_FILE_NAME).write_text(json.dumps({"max_epsilon": 100.0, "delta": 1e-5, "accountant": "rdp"}))
     ctx = FLContext()
     ctx.set_prop(FLContextKey.WORKSPACE_OBJECT, Workspace(str(tmp_path), "site-1"), private=True, sticky=True)
+    install_contexts(str(tmp_path / "startup"), ctx)  # the CKKS keys of a kit provisioned with HE
     return ctx
 
 
@@ -118,8 +121,17 @@ def _honest(data=None, meta=None, kind=DataKind.WEIGHT_DIFF, round_number=1) -> 
 
 
 def _released_arrays(dxo: DXO) -> dict:
+    """The released data as arrays: sparse entries restored, ciphertexts decrypted with a
+    site's key (to the shapes and dtypes of :func:`_update`, as the executor loads them)."""
     if any(isinstance(v, SparseTensor) for v in dxo.data.values()):
         return decode_sparse(dxo.data)
+    if dxo.data and all(isinstance(v, bytes) for v in dxo.data.values()):
+        like = _update()
+        flat = decrypt_update(dxo.data, contexts()[0])
+        return {
+            k: (np.rint(v) if like[k].dtype.kind != "f" else v).astype(like[k].dtype).reshape(like[k].shape)
+            for k, v in flat.items()
+        }
     return dxo.data
 
 

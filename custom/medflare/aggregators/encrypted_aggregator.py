@@ -1,0 +1,282 @@
+"""NVFlare aggregator for CKKS-encrypted contributions: the server adds ciphertexts it cannot read.
+
+It takes the place of :class:`~medflare.aggregators.validated_aggregator.ValidatedAggregator`
+in a job whose sites encrypt with medflare's ``HEUpdateEncryptor`` (the last filter of their scope),
+beside NVFlare's ``HEModelShareableGenerator`` (which adds the encrypted mean to the global
+model, so that the server's global model is encrypted from the first round on) and
+``HEModelSerializeFilter`` on the persistor. The server's context has no secret key.
+
+What it still checks, on every contribution, before any of it is used (the scheme's limits are
+in :mod:`medflare.transport.ckks_update`):
+
+- the peer, the return code, the round, the same site twice, the data kind (as ``ValidatedAggregator``);
+- that it is encrypted: NVFlare's ``PROCESSED_ALGORITHM`` is ``CKKS``, every name is in
+  ``PROCESSED_KEYS`` and medflare's encryption record (:data:`medflare.wire_contract.ENCRYPTION`)
+  is there; a plaintext contribution is refused, so a site whose scope does not encrypt cannot
+  leave its update readable in the sum;
+- the names (exactly the global model's), each ciphertext's byte size, that it deserializes
+  under the federation's CKKS parameters, and its number of values;
+- the weight: what the site multiplied by is the job's count (``weight_meta_key``), equal to the
+  count it released and at most ``max_weight``, or 1 (``equal``).
+
+What it cannot check: any value, so neither NaN nor the norm; the site's encryptor checked both
+and recorded the norm bound it applied, which must not exceed this aggregator's
+``max_update_norm``. Robust estimators (median, trimmed mean) need the values: under HE the
+only estimator is the weighted mean.
+
+A round aggregates only when every accepted site weighted the same way (a mean of updates
+weighted by case counts and updates weighted 1 would not be the mean of either) and at least
+``min_contributions`` were accepted (what distributed DP needs); otherwise the global model is
+unchanged (returned as ``WEIGHTS``) and the round is recorded as empty.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.abstract.aggregator import Aggregator
+from nvflare.app_common.abstract.model import ModelLearnableKey
+from nvflare.app_common.app_constant import AppConstants
+
+from medflare.aggregators.contribution_checks import ContributionRejected, check_round, check_weight
+from medflare.privacy.argument_checks import check_int, check_real
+from medflare.transport.ckks_update import CKKS, CiphertextRejected, encrypted_mean, read_ciphertexts
+from medflare.transport.he_context import load_participant_context
+from medflare.wire_contract import (
+    AGGREGATION,
+    ENCRYPTION,
+    HE_ALGORITHM,
+    HE_PROCESSED_KEYS,
+    NUM_STEPS,
+    NUM_TRAIN_CASES,
+    WEIGHT_KEYS,
+)
+
+__all__ = ["EncryptedSumAggregator"]
+
+
+class EncryptedSumAggregator(Aggregator):
+    """The weighted mean of CKKS-encrypted ``WEIGHT_DIFF`` contributions, each checked as far as ciphertexts allow.
+
+    Args:
+        max_update_norm: the largest norm bound a site's encryptor may have applied, in (0, inf):
+            a contribution whose record states a larger bound (or none) is refused.
+        weight_meta_key: the count sites weight by, ``num_train_cases`` (default) or
+            ``NUM_STEPS_CURRENT_ROUND``: the encryptors' ``weight_meta_key``.
+        max_weight: refuse a weight above this; null for no cap.
+        min_contributions: aggregate a round only with at least this many accepted sites (an
+            int >= 1, default 1); distributed DP needs the number of sites its noise assumes.
+        fail_after_empty_rounds: stop the job after this many consecutive empty rounds; null
+            (default) never stops it.
+        tenseal_context_file: the server's context in its startup kit (no secret key).
+
+    Raises:
+        ValueError, TypeError: when the job is built, naming the argument.
+    """
+
+    def __init__(
+        self,
+        max_update_norm: float,
+        weight_meta_key: str = NUM_TRAIN_CASES,
+        max_weight: Optional[float] = None,
+        min_contributions: int = 1,
+        fail_after_empty_rounds: Optional[int] = None,
+        tenseal_context_file: str = "server_context.tenseal",
+    ):
+        super().__init__()
+        check_real("max_update_norm", max_update_norm, 0.0, None, low_open=True)
+        if weight_meta_key not in WEIGHT_KEYS:
+            raise ValueError(f"weight_meta_key must be one of {list(WEIGHT_KEYS)}, got {weight_meta_key!r}")
+        if max_weight is not None:
+            check_real("max_weight", max_weight, 0.0, None, low_open=True)
+        check_int("min_contributions", min_contributions, 1, None)
+        if fail_after_empty_rounds is not None:
+            check_int("fail_after_empty_rounds", fail_after_empty_rounds, 1, None)
+        if not isinstance(tenseal_context_file, str) or not tenseal_context_file:
+            raise TypeError(f"tenseal_context_file must be a file name in the startup kit, got {tenseal_context_file!r}")
+        self.max_update_norm = float(max_update_norm)
+        self.weight_meta_key = weight_meta_key
+        self.max_weight = max_weight
+        self.min_contributions = min_contributions
+        self.fail_after_empty_rounds = fail_after_empty_rounds
+        self.tenseal_context_file = tenseal_context_file
+        self._context = None
+        self._sizes: Optional[dict[str, int]] = None
+        self._empty_rounds = 0
+        self._aggregated_round: Optional[int] = None
+        self.reset(None)
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN:
+            self._context = load_participant_context(self.tenseal_context_file, fl_ctx)
+        elif event_type == EventType.END_RUN:
+            self._context = None
+
+    def reset(self, fl_ctx: Optional[FLContext]):
+        #: (site, {name: CKKSVector}, weight, weighted_by)
+        self._accepted: list[tuple[str, dict, float, str]] = []
+        self._rejected: dict[str, str] = {}
+        self._round = None
+
+    # accepting -----------------------------------------------------------------------------
+
+    def accept(self, shareable: Shareable, fl_ctx: FLContext) -> bool:
+        site = shareable.get_peer_prop(key=ReservedKey.IDENTITY_NAME, default=None)
+        current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        if current_round != self._round:
+            self.reset(fl_ctx)
+            self._round = current_round
+        try:
+            if not isinstance(site, str) or not site:
+                raise ContributionRejected(f"the peer has no identity name (got {site!r:.60})")
+            contribution = self._validated(shareable, site, current_round, fl_ctx)
+        except (ContributionRejected, CiphertextRejected) as e:
+            return self._reject(site, current_round, str(e), fl_ctx)
+        except Exception as e:  # fail closed: what cannot be checked is not aggregated
+            return self._reject(site, current_round, f"could not be checked ({type(e).__name__}: {e})", fl_ctx)
+        self._accepted.append(contribution)
+        self.log_info(fl_ctx, f"accepted the encrypted contribution of {site} in round {current_round} (weight {contribution[2]:g}, {contribution[3]})")
+        return True
+
+    def _reject(self, site, current_round, reason: str, fl_ctx: FLContext) -> bool:
+        name = site if isinstance(site, str) and site else "?"
+        while name in self._rejected:
+            name += "'"
+        self._rejected[name] = reason
+        self.log_error(fl_ctx, f"rejected the contribution of {name} in round {current_round}: {reason}")
+        return False
+
+    def _validated(self, shareable: Shareable, site: str, current_round, fl_ctx: FLContext):
+        rc = shareable.get_return_code(ReturnCode.OK)
+        if rc != ReturnCode.OK:
+            raise ContributionRejected(f"return code {rc}")
+        round_number = check_round(shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND), current_round)
+        if round_number == self._aggregated_round:
+            raise ContributionRejected(f"round {round_number} was already aggregated")
+        if any(s == site for s, *_ in self._accepted):
+            raise ContributionRejected("the same site already contributed this round")
+        try:
+            dxo = from_shareable(shareable)
+        except Exception as e:
+            raise ContributionRejected(f"not a DXO ({e})") from None
+        kind = getattr(dxo.data_kind, "value", dxo.data_kind)
+        if kind != DataKind.WEIGHT_DIFF:
+            raise ContributionRejected(f"data kind {kind}, expected {DataKind.WEIGHT_DIFF}")
+        record = dxo.get_meta_prop(ENCRYPTION)
+        if dxo.get_meta_prop(HE_ALGORITHM) != CKKS or not isinstance(record, dict):
+            raise ContributionRejected(
+                "not encrypted (no CKKS record): this job aggregates only ciphertexts; the site's "
+                "privacy scope must end with HEUpdateEncryptor"
+            )
+        sizes = self._model_sizes(fl_ctx)
+        processed = dxo.get_meta_prop(HE_PROCESSED_KEYS)
+        if not isinstance(processed, dict) or set(processed) != set(sizes) or not all(v is True for v in processed.values()):
+            raise ContributionRejected("PROCESSED_KEYS does not mark every parameter of the model encrypted")
+        bound = record.get("max_update_norm")
+        if not isinstance(bound, (int, float)) or isinstance(bound, bool) or not 0 < bound <= self.max_update_norm:
+            raise ContributionRejected(
+                f"the site's encryptor checked a norm bound of {bound!r}; this job requires one in (0, {self.max_update_norm:g}]"
+            )
+        weight, weighted_by = self._weight(dxo, record)
+        if self._context is None:
+            self._context = load_participant_context(self.tenseal_context_file, fl_ctx)
+        ciphertexts = read_ciphertexts(dxo.data, self._context, sizes)
+        return site, ciphertexts, weight, weighted_by
+
+    def _weight(self, dxo: DXO, record: dict) -> tuple[float, str]:
+        weighted_by = record.get("weighted_by")
+        weight = record.get("weight")
+        if weighted_by == "equal":
+            if weight != 1.0:
+                raise ContributionRejected(f"weighted equally but multiplied by {weight!r}, not 1")
+            return 1.0, weighted_by
+        if weighted_by != self.weight_meta_key:
+            raise ContributionRejected(f"weighted by {weighted_by!r}; this job weights by {self.weight_meta_key!r} or equally")
+        released = dxo.get_meta_prop(self.weight_meta_key)
+        checked = check_weight(released, self.weight_meta_key, self.max_weight)
+        if weight != checked:
+            raise ContributionRejected(f"multiplied by {weight!r} but released {self.weight_meta_key} = {released!r}")
+        return checked, weighted_by
+
+    def _model_sizes(self, fl_ctx: FLContext) -> dict[str, int]:
+        """Values per parameter, from the first global model seen (plaintext at round 0; later
+        rounds hold ciphertexts, whose sizes the server reads without decrypting)."""
+        if self._sizes is None:
+            global_model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+            weights = global_model.get(ModelLearnableKey.WEIGHTS) if isinstance(global_model, dict) else None
+            if not isinstance(weights, dict) or not weights:
+                raise ContributionRejected("the server has no global model to check the contribution against")
+            if self._context is None:
+                self._context = load_participant_context(self.tenseal_context_file, fl_ctx)
+            self._sizes = {name: _size(value, self._context) for name, value in weights.items()}
+        return self._sizes
+
+    # aggregating ---------------------------------------------------------------------------
+
+    def aggregate(self, fl_ctx: FLContext) -> Shareable:
+        current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        accepted = sorted(self._accepted, key=lambda c: c[0])
+        record = {
+            "estimator": "weighted_mean",
+            "accepted": [c[0] for c in accepted],
+            "rejected": dict(self._rejected),
+            "update_norms": {},  # not visible: the sites checked theirs before encrypting
+        }
+        if isinstance(current_round, int) and not isinstance(current_round, bool):
+            self._aggregated_round = current_round
+        self.reset(fl_ctx)
+        weightings = sorted({c[3] for c in accepted})
+        if len(weightings) > 1:
+            reason = f"the sites weighted differently ({', '.join(f'{c[0]}: {c[3]}' for c in accepted)})"
+            return self._empty(current_round, record, reason, fl_ctx)
+        if len(accepted) < self.min_contributions:
+            reason = f"{len(accepted)} contributions accepted, min_contributions is {self.min_contributions}"
+            return self._empty(current_round, record, reason, fl_ctx)
+        self._empty_rounds = 0
+        sites, ciphertexts, weights, _ = zip(*accepted)
+        mean = encrypted_mean(list(ciphertexts), list(weights))
+        record["weighting"] = "equal" if weightings == ["equal"] else f"by {self.weight_meta_key}"
+        meta = {
+            AGGREGATION: record,
+            NUM_STEPS: float(sum(weights)),
+            HE_PROCESSED_KEYS: {name: True for name in mean},
+            HE_ALGORITHM: CKKS,
+        }
+        self.log_info(fl_ctx, f"round {current_round}: encrypted weighted mean of {len(sites)} contributions ({', '.join(sites)}); rejected: {record['rejected'] or 'none'}")
+        return DXO(data_kind=DataKind.WEIGHT_DIFF, data=mean, meta=meta).to_shareable()
+
+    def _empty(self, current_round, record: dict, reason: str, fl_ctx: FLContext) -> Shareable:
+        """The global model as it is, as ``WEIGHTS`` (NVFlare's HE shareable generator flattens a
+        plaintext model when it adds a difference, even a zero one, and the persistor then
+        refuses the shapes; ``WEIGHTS`` replaces the model by itself)."""
+        record["empty_because"] = reason
+        self._empty_rounds += 1
+        self.log_error(fl_ctx, f"round {current_round}: not aggregated ({reason}); the global model is unchanged")
+        if self.fail_after_empty_rounds is not None and self._empty_rounds >= self.fail_after_empty_rounds:
+            self.system_panic(f"{self._empty_rounds} consecutive empty rounds; stopping the job", fl_ctx)
+        global_model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+        weights = global_model.get(ModelLearnableKey.WEIGHTS, {}) if isinstance(global_model, dict) else {}
+        data = {name: np.array(v, copy=True) if isinstance(v, np.ndarray) else v for name, v in weights.items()}
+        # PROCESSED_KEYS says which entries of the model this leaves are encrypted
+        encrypted = {name: not isinstance(v, np.ndarray) for name, v in data.items()}
+        meta = {AGGREGATION: record, HE_PROCESSED_KEYS: encrypted, HE_ALGORITHM: CKKS}
+        return DXO(data_kind=DataKind.WEIGHTS, data=data, meta=meta).to_shareable()
+
+
+def _size(value, context) -> int:
+    """Values in a global-model entry: an array, a CKKSVector, or one serialized."""
+    if isinstance(value, np.ndarray):
+        return int(value.size)
+    if isinstance(value, (bytes, bytearray)):
+        import tenseal
+
+        return int(tenseal.ckks_vector_from(context, bytes(value)).size())
+    if hasattr(value, "decrypt"):  # a CKKSVector
+        return int(value.size())
+    return int(np.size(np.asarray(value)))

@@ -1,0 +1,42 @@
+"""The CKKS context of a FLARE participant, read from its startup kit (a thin NVFlare adapter).
+
+Provisioning with NVFlare's ``HEBuilder`` (``nvflare poc prepare -he``, or ``HEBuilder`` in a
+project's ``project.yml``) writes ``client_context.tenseal`` (with the secret key) into every
+client's startup kit and ``server_context.tenseal`` (without it) into the server's. NVFlare's
+``SecurityContentService`` reads them, checking the provisioner's signature in secure mode.
+"""
+
+from __future__ import annotations
+
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
+
+__all__ = ["load_participant_context"]
+
+
+def load_participant_context(tenseal_context_file: str, fl_ctx: FLContext):
+    """The TenSEAL context named ``tenseal_context_file`` in this participant's startup kit.
+
+    Accepts what NVFlare's ``load_tenseal_context_from_workspace`` accepts (in secure mode a
+    file the provisioner signed, or one its signature list does not manage), and says what is
+    wrong when there is none (NVFlare's own loader then fails on ``None`` with a TypeError).
+
+    Raises:
+        ValueError: naming the file and the reason; the federation was not provisioned with HE.
+    """
+    import tenseal
+    from nvflare.fuel.sec.security_content_service import LoadResult, SecurityContentService
+
+    data, rc = SecurityContentService.load_content(tenseal_context_file)
+    bad = {LoadResult.INVALID_CONTENT, LoadResult.NO_SUCH_CONTENT}
+    if fl_ctx.get_prop(FLContextKey.SECURE_MODE, True):
+        bad |= {LoadResult.INVALID_SIGNATURE, LoadResult.NOT_SIGNED}
+    if data is None or rc in bad:
+        raise ValueError(
+            f"no usable CKKS context {tenseal_context_file!r} in this participant's startup kit ({rc}): provision "
+            "the federation with NVFlare's HEBuilder (nvflare poc prepare -he, or HEBuilder in project.yml)"
+        )
+    try:
+        return tenseal.context_from(data)
+    except Exception as e:
+        raise ValueError(f"{tenseal_context_file!r} is not a TenSEAL context ({type(e).__name__}: {e})") from None
