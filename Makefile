@@ -2,7 +2,7 @@
 VENV := .venv
 STAMP := $(VENV)/.medflare-installed
 
-.PHONY: setup demo test test-unit bench bench-heart bench-dpsgd bench-frontier bench-audit clean
+.PHONY: setup demo test test-unit bench bench-heart bench-dpsgd bench-frontier bench-audit bench-he clean
 
 $(STAMP): setup.cfg pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -32,6 +32,10 @@ bench-dpsgd: $(STAMP)
 # what medflare audit costs a site per attacked case
 bench-audit: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/python benchmarks/audit_cost.py
+
+# one federated round under CKKS encryption (NVFlare's HEBuilder context) against the plain round
+bench-he: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/python benchmarks/he_round_cost.py
 
 # the privacy-utility frontier: BraTS-layout hospitals, then the FLamby heart-disease hospitals
 bench-frontier: $(STAMP)

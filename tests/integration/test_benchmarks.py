@@ -18,9 +18,12 @@ pytestmark = pytest.mark.integration
         ("aggregation.py", "NVFlare InTimeAccumulateWeightedAggregator"),
         ("heart_disease.py", "FLamby Fed-Heart-Disease through medflare on NVFlare"),
         ("audit_cost.py", "medflare audit cost"),
+        ("he_round_cost.py", "goal: HE round <= 3x the plain round at 5M parameters"),
     ],
 )
 def test_benchmark_quick_run(tmp_path, script, expected):
+    if script == "he_round_cost.py":
+        pytest.importorskip("tenseal")  # NVFlare's HE needs it; medflare does not install it
     out = tmp_path / "results.json"
     done = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", script), "--quick", "--json", str(out)],
@@ -35,6 +38,13 @@ def test_benchmark_quick_run(tmp_path, script, expected):
     if script == "audit_cost.py":
         for costs in results["jobs"].values():
             assert costs["floor_s"] > 0 and costs["inversion_iteration_s"] > 0 and costs["audit_seconds_per_case_and_scope"] > 0
+    if script == "he_round_cost.py":
+        (size,) = results["sizes"]
+        # both rounds ran and were timed in the same run; the decrypted mean is the plaintext mean
+        assert 0 < size["plain_round_s"] < size["he_round_s"]
+        assert size["agreement_passed"] and size["precision"]["he_max_abs_error"] < 1e-6
+        # ciphertexts are larger than the dense float32 update in both directions
+        assert size["wire"]["he_up_ciphertext"] > size["wire"]["he_down_ciphertext"] > size["dense_bytes"]
     if script == "heart_disease.py":
         # centralised baselines, FedYogi, FedAvg with Gaussian DP and with DP-SGD were run (plain
         # FedAvg is left to test_outcome_jobs_simulator.py in the quick pass)
