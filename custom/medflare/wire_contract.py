@@ -322,6 +322,8 @@ _GAUSSIAN_RECORD = _record(
     epsilon_site=_real(0.0),
     max_epsilon=_real(0.0),
     secure_noise=_boolean,
+    distributed_sites=_optional(_integer(2)),
+    site_noise_multiplier=_optional(_real(0.0, above=True)),
 )
 
 #: the DP-SGD record: the executor writes the first seven fields, the site's filter the rest
@@ -355,6 +357,7 @@ _ENCRYPTION_RECORD = _record(
     weight=_real(0.0, above=True),
     max_update_norm=_real(0.0, allow_none=True, above=True),
     num_values=_integer(1),
+    distributed_dp_sites=_optional(_integer(2)),
 )
 
 _APPLIED_RECORD = _record(filter=_identifier, source=_one_of("site", "job", "unknown"))

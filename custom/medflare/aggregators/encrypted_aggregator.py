@@ -27,7 +27,10 @@ only estimator is the weighted mean.
 A round aggregates only when every accepted site weighted the same way (a mean of updates
 weighted by case counts and updates weighted 1 would not be the mean of either) and at least
 ``min_contributions`` were accepted (what distributed DP needs); otherwise the global model is
-unchanged (returned as ``WEIGHTS``) and the round is recorded as empty.
+unchanged (returned as ``WEIGHTS``) and the round is recorded as empty. A contribution made
+under distributed DP (:mod:`medflare.privacy.distributed_dp`) states the number of noise shares
+its guarantee counts on (``distributed_dp_sites``); a round with fewer accepted contributions
+than the largest such number is not aggregated either, whatever ``min_contributions`` says.
 """
 
 from __future__ import annotations
@@ -119,8 +122,8 @@ class EncryptedSumAggregator(Aggregator):
             self._context = None
 
     def reset(self, fl_ctx: Optional[FLContext]):
-        #: (site, {name: CKKSVector}, weight, weighted_by)
-        self._accepted: list[tuple[str, dict, float, str]] = []
+        #: (site, {name: CKKSVector}, weight, weighted_by, the sites its distributed DP needs or 1)
+        self._accepted: list[tuple[str, dict, float, str, int]] = []
         self._rejected: dict[str, str] = {}
         self._round = None
 
@@ -187,7 +190,12 @@ class EncryptedSumAggregator(Aggregator):
         if self._context is None:
             self._context = load_participant_context(self.tenseal_context_file, fl_ctx)
         ciphertexts = read_ciphertexts(dxo.data, self._context, sizes)
-        return site, ciphertexts, weight, weighted_by
+        needs = record.get("distributed_dp_sites") or 1
+        if isinstance(needs, bool) or not isinstance(needs, int) or needs < 1:
+            raise ContributionRejected(f"distributed_dp_sites must be an int >= 2, got {needs!r}")
+        if needs > 1 and weighted_by != "equal":
+            raise ContributionRejected("distributed DP needs equal weights; the site weighted by a count")
+        return site, ciphertexts, weight, weighted_by, needs
 
     def _weight(self, dxo: DXO, record: dict) -> tuple[float, str]:
         weighted_by = record.get("weighted_by")
@@ -235,11 +243,17 @@ class EncryptedSumAggregator(Aggregator):
         if len(weightings) > 1:
             reason = f"the sites weighted differently ({', '.join(f'{c[0]}: {c[3]}' for c in accepted)})"
             return self._empty(current_round, record, reason, fl_ctx)
-        if len(accepted) < self.min_contributions:
-            reason = f"{len(accepted)} contributions accepted, min_contributions is {self.min_contributions}"
+        # distributed DP: a sum of fewer noise shares than a site counted on would expose it
+        required = max([self.min_contributions] + [c[4] for c in accepted])
+        if len(accepted) < required:
+            reason = (
+                f"{len(accepted)} contributions accepted; at least {required} are required "
+                f"(min_contributions {self.min_contributions}, distributed DP noise shares "
+                f"{max([c[4] for c in accepted], default=1)})"
+            )
             return self._empty(current_round, record, reason, fl_ctx)
         self._empty_rounds = 0
-        sites, ciphertexts, weights, _ = zip(*accepted)
+        sites, ciphertexts, weights, _, _ = zip(*accepted)
         mean = encrypted_mean(list(ciphertexts), list(weights))
         record["weighting"] = "equal" if weightings == ["equal"] else f"by {self.weight_meta_key}"
         meta = {

@@ -130,6 +130,15 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
         self._releases_this_run = 0
         self._round_epsilon = None  # epsilon of one release at z: fixed, computed at the first release
 
+    def _release_noise_multiplier(self) -> float:
+        """The multiplier of the noise this site adds: ``z``, charged as ``z`` (a subclass that
+        adds a share of the noise, :mod:`medflare.filters.distributed_gaussian`, says otherwise)."""
+        return self.effective_noise_multiplier
+
+    def _record_extras(self) -> dict:
+        """Fields a subclass adds to the release's record."""
+        return {}
+
     def filter_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
         check_update(dxo.data)  # NaN, inf, empty: refused before the budget is touched
         # normalisation statistics are not learned weights: withheld, never noised into invalid values
@@ -145,7 +154,7 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
             fl_ctx, shareable, type(self).__name__, z, self.max_epsilon, self.target_delta
         )
         cap = release_cap(ledger, self.max_epsilon)
-        released, info = gaussian_release(learned, self.clipping_norm, z, self._noise, norm=norm)
+        released, info = gaussian_release(learned, self.clipping_norm, self._release_noise_multiplier(), self._noise, norm=norm)
         for key in withheld:  # a zero difference: the server's model keeps its own statistics
             released[key] = np.zeros(np.shape(dxo.data[key]), dtype=as_numpy(dxo.data[key]).dtype)
         released = {k: released[k] for k in dxo.data}
@@ -166,6 +175,7 @@ class GaussianPrivacyFilter(FailClosedDXOFilter):
             "epsilon_site": site_epsilon,
             "max_epsilon": cap,
             "secure_noise": self._noise.cryptographically_secure,
+            **self._record_extras(),
         }
         meta = dict(dxo.meta)
         meta[GAUSSIAN_DP] = privacy

@@ -57,7 +57,42 @@ from medflare.wire_contract import (
     check_result_meta,
 )
 
-__all__ = ["HEModelDecryptor", "HEUpdateEncryptor"]
+__all__ = ["HEModelDecryptor", "HEUpdateEncryptor", "encrypted_result"]
+
+
+def encrypted_result(
+    update: dict,
+    meta: dict,
+    context,
+    weighted_by: str,
+    weight: float,
+    norm_bound: Optional[float],
+    distributed_dp_sites: Optional[int] = None,
+) -> tuple[dict, dict]:
+    """``(data, meta)`` of an encrypted result: every entry of ``update`` multiplied by
+    ``weight`` and CKKS-encrypted, NVFlare's HE meta and medflare's encryption record added.
+
+    Raises:
+        UnsafeUpdateError: anything :func:`~medflare.transport.ckks_update.encrypt_update` refuses.
+    """
+    try:
+        encrypted = encrypt_update(update, context, weight)
+    except ValueError as e:
+        raise UnsafeUpdateError(f"not encrypted: {e}") from None
+    meta = dict(meta)
+    meta[HE_PROCESSED_KEYS] = {name: True for name in encrypted}
+    meta[HE_ALGORITHM] = CKKS
+    record = {
+        "scheme": CKKS,
+        "weighted_by": weighted_by,
+        "weight": float(weight),
+        "max_update_norm": norm_bound,
+        "num_values": int(sum(np.size(v) for v in update.values())),
+    }
+    if distributed_dp_sites is not None:
+        record["distributed_dp_sites"] = int(distributed_dp_sites)
+    meta[ENCRYPTION] = record
+    return encrypted, check_result_meta(meta, "encrypted result meta")
 
 
 class HEUpdateEncryptor(FailClosedDXOFilter):
@@ -138,25 +173,13 @@ class HEUpdateEncryptor(FailClosedDXOFilter):
             norm_bound = self.max_update_norm
             count = meta.get(self.weight_meta_key)
             weighted_by, weight = (self.weight_meta_key, float(count)) if count else ("equal", 1.0)
-        try:
-            encrypted = encrypt_update(update, self._context, weight)
-        except ValueError as e:
-            raise UnsafeUpdateError(f"not encrypted: {e}") from None
-        meta[HE_PROCESSED_KEYS] = {name: True for name in encrypted}
-        meta[HE_ALGORITHM] = CKKS
-        meta[ENCRYPTION] = {
-            "scheme": CKKS,
-            "weighted_by": weighted_by,
-            "weight": weight,
-            "max_update_norm": norm_bound,
-            "num_values": int(sum(np.size(v) for v in update.values())),
-        }
+        data, meta = encrypted_result(update, meta, self._context, weighted_by, weight, norm_bound)
         self.log_info(
             fl_ctx,
-            f"encrypted {len(encrypted)} {dxo.data_kind} entries with CKKS (weight {weight:g}, {weighted_by}); "
-            f"{sum(len(v) for v in encrypted.values())} bytes",
+            f"encrypted {len(data)} {dxo.data_kind} entries with CKKS (weight {weight:g}, {weighted_by}); "
+            f"{sum(len(v) for v in data.values())} bytes",
         )
-        return DXO(data_kind=dxo.data_kind, data=encrypted, meta=check_result_meta(meta, "encrypted result meta"))
+        return DXO(data_kind=dxo.data_kind, data=data, meta=meta)
 
     @staticmethod
     def _dense(data: dict) -> dict:

@@ -19,6 +19,7 @@ import pytest
 
 from medflare.aggregators.contribution_checks import checked_contribution, model_spec
 from medflare.privacy.accounting import noise_multiplier_for
+from medflare.privacy.distributed_dp import site_noise_multiplier
 from medflare.privacy.gaussian_mechanism import gaussian_release
 from medflare.privacy.noise_sources import SeededGaussianNoise
 from medflare.privacy.percentile_sharing import share_largest_fraction
@@ -49,14 +50,14 @@ DOCUMENTED = {
     "brats_fedavg": (2700.0, 2400),
     "brats_fedyogi": (2700.0, 2400),
     "brats_gaussian_dp": (1900.0, 2400),
-    "brats_he": (40.0, 2400),
+    "brats_he": (1600.0, 2400),
     "brats_percentile": (40.0, 2400),
     "cxr_emr_dpsgd": (1400.0, 1800),
     "cxr_emr_fedavg": (1400.0, 1800),
     "heart_disease_dpsgd": (25.0, 20000),
     "heart_disease_fedavg": (25.0, 20000),
     "heart_disease_fedyogi": (25.0, 20000),
-    "heart_disease_he": (40.0, 20000),
+    "heart_disease_he": (1600.0, 20000),
 }
 
 
@@ -74,7 +75,7 @@ def _encrypted(job) -> bool:
 
 
 def _encrypting(filters) -> bool:
-    return bool(filters) and filters[-1]["path"].endswith("HEUpdateEncryptor")
+    return bool(filters) and filters[-1]["path"].endswith(("HEUpdateEncryptor", "DistributedGaussianPrivacyFilter"))
 
 
 def _site_scopes(job=None):
@@ -97,7 +98,12 @@ def _job_filters(job):
 def _apply(update, filters, rng_seed):
     for n, component in enumerate(filters):
         name, args = component["path"].rsplit(".", 1)[1], component["args"]
-        if name == "GaussianPrivacyFilter":
+        if name == "DistributedGaussianPrivacyFilter":  # a share of the noise, norm-checked, then encrypted
+            z = site_noise_multiplier(args["noise_multiplier"], args["num_sites"])
+            update, _ = gaussian_release(update, args["clipping_norm"], z, SeededGaussianNoise(rng_seed + n))
+            norm = math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in update.values() if v.dtype.kind == "f"))
+            assert norm <= args["max_update_norm"], f"the site refuses its own honest release of norm {norm:.4g}"
+        elif name == "GaussianPrivacyFilter":
             z = args.get("noise_multiplier") or noise_multiplier_for(
                 args["target_epsilon"], args["target_delta"], args["num_rounds"], args.get("accountant", "rdp")
             )
@@ -121,7 +127,10 @@ def _envelope(filters, d, plain_norm):
     bound = plain_norm
     for component in filters:
         args = component["args"]
-        if component["path"].endswith("GaussianPrivacyFilter"):
+        if component["path"].endswith("DistributedGaussianPrivacyFilter"):
+            z = site_noise_multiplier(args["noise_multiplier"], args["num_sites"])
+            bound = args["clipping_norm"] * (1 + z * (math.sqrt(d) + 6))
+        elif component["path"].endswith("GaussianPrivacyFilter"):
             z = args.get("noise_multiplier") or noise_multiplier_for(
                 args["target_epsilon"], args["target_delta"], args["num_rounds"], args.get("accountant", "rdp")
             )
@@ -159,8 +168,11 @@ def test_the_norm_bound_admits_every_shipped_site_profile(job):
             _, norms[scope] = checked_contribution(released, spec, bound)  # raises when refused
     d = sum(math.prod(shape) for shape, dtype in spec.values() if np.dtype(dtype).kind == "f")
     envelope = max(_envelope(f + _job_filters(job), d, MEASURED_PLAIN_NORM[job]) for _, f in scopes)
-    if _encrypted(job):  # every honest update passes the sites' check; the job's bound is theirs
-        assert envelope <= min(norms.values()) and bound == max(norms.values()), (norms, envelope, bound)
+    if _encrypted(job):  # every honest release passes its site's check; the job admits the largest
+        for scope, site_filters in scopes:
+            own = _envelope(site_filters + _job_filters(job), d, MEASURED_PLAIN_NORM[job])
+            assert own <= norms[scope], f"{job}: {scope} checks {norms[scope]}, its honest envelope is {own:.4g}"
+        assert bound == max(norms.values()), (norms, bound)
         return
     assert max(norms.values()) <= envelope * (1 + 1e-6) and envelope <= bound, (norms, envelope)  # float32 gamma
     assert bound <= 1.2 * envelope, f"{job}: max_update_norm {bound} is looser than needed ({envelope:.4g})"

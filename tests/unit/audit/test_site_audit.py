@@ -90,9 +90,11 @@ def test_the_shipped_cxr_job_at_a_research_site_is_measured_under_every_scope(tm
     assert report["report_dir"].startswith(os.path.join(workspace, "audit", "cxr_emr_fedavg-"))
     for setting in ("worst_case", "as_configured"):
         rows = _rows(report, setting)
-        assert set(rows) == {UNFILTERED, "partial_sharing", "dp_sgd", "differential_privacy", "secure_aggregation", "public_data"}
-        # a site not provisioned with HE has no key to encrypt with: nothing leaves under that scope
-        assert not rows["secure_aggregation"]["released"] and "CKKS context" in rows["secure_aggregation"]["blocked"]
+        assert set(rows) == {UNFILTERED, "partial_sharing", "dp_sgd", "differential_privacy", "secure_aggregation",
+                             "secure_distributed_dp", "public_data"}
+        # a site not provisioned with HE has no key to encrypt with: nothing leaves under those scopes
+        for scope in ("secure_aggregation", "secure_distributed_dp"):
+            assert not rows[scope]["released"] and "CKKS context" in rows[scope]["blocked"], rows[scope]["blocked"]
         # a BatchNorm network under the DP-SGD scope: refused, the layers named, nothing leaves
         assert not rows["dp_sgd"]["released"] and "BatchNorm2d" in rows["dp_sgd"]["blocked"]
         assert rows["dp_sgd"]["labels"]["accuracy"] is None
@@ -136,7 +138,7 @@ def test_a_segmentation_job_gets_label_inference_and_says_why_there_is_no_invers
 def test_bad_requests_are_refused_before_anything_runs(tmp_path, cxr_site, capsys):
     workspace = client_workspace(tmp_path, "site-1", "research", cxr_site)
     job = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__)))), "jobs", "cxr_emr_fedavg")
-    with pytest.raises(AuditError, match=r"--scope 'clinical'.*defines \['partial_sharing', 'dp_sgd', 'differential_privacy', 'secure_aggregation', 'public_data'\]"):
+    with pytest.raises(AuditError, match=r"--scope 'clinical'.*defines \['partial_sharing', 'dp_sgd', 'differential_privacy', 'secure_aggregation', 'secure_distributed_dp', 'public_data'\]"):
         run_audit(workspace, job, None, AuditOptions(scopes=["clinical"]))
     for field, value, message in (
         ("cases", 0, "cases must be"),
