@@ -9,7 +9,7 @@ import os
 from typing import Optional
 
 from tests.integration.job_copies import JOBS_DIR, load_json, shipped_jobs, small_job
-from medflare.cli.run_job import job_data_kind
+from medflare.cli.run_job import is_encrypted_job, job_data_kind
 
 #: The server drops a silent client after 30 s instead of NVFlare's 600 s, and a task waiting only
 #: for dropped clients ends 10 s after that instead of 60 + 30 s; otherwise each fault costs minutes.
@@ -44,9 +44,19 @@ def poc_job(job: str, dest: str, rounds: int = 2, **kwargs) -> str:
     return small_job(job, dest, rounds=rounds, final_eval_timeout=FINAL_EVAL_TIMEOUT, **kwargs)
 
 
+def he_jobs() -> list[str]:
+    """Every shipped job whose server adds CKKS ciphertexts (secure aggregation)."""
+    return [job for job in shipped_jobs() if is_encrypted_job(os.path.join(JOBS_DIR, job))]
+
+
+def plain_jobs(data_kind: Optional[str] = None) -> list[str]:
+    """Every shipped job (training on ``data_kind``) whose server reads plaintext updates."""
+    return [job for job in shipped_jobs(data_kind) if job not in he_jobs()]
+
+
 def outcome_jobs() -> list[str]:
-    """Every shipped heart-disease and chest X-ray job."""
-    return shipped_jobs("heart") + shipped_jobs("cxr")
+    """Every shipped heart-disease and chest X-ray job aggregated in plaintext."""
+    return plain_jobs("heart") + plain_jobs("cxr")
 
 
 def dp_sgd_jobs() -> list[str]:

@@ -32,6 +32,7 @@ from tests.integration.poc_support import (
     SITES,
     assert_complete_exam_table,
     exam_report,
+    he_jobs,
     matrix_line,
     poc_job,
 )
@@ -61,6 +62,8 @@ def test_job_check_admits_exactly_the_jobs_the_clinical_default_can_train():
         check = check_job(os.path.join(JOBS_DIR, job), profile="clinical")
         if job in ADMITTED:
             assert check.ok, (job, check.problems)
+        elif job in he_jobs():  # secure aggregation: a research scope; the clinical profile defines none
+            assert not check.ok and "is not defined by the profile clinical" in check.problems[0], (job, check.problems)
         else:  # BatchNorm or in-place layers: every train task would be refused at every site
             assert not check.ok and "requires patient-level DP-SGD" in check.problems[0], (job, check.problems)
             assert "DP-SGD cannot train this network" in check.problems[0], (job, check.problems)

@@ -20,7 +20,7 @@ import torch
 
 from medflare.federation.poc_federation import PocFederation
 from medflare.wire_contract import DP_SGD
-from tests.integration.job_copies import job_filters, round_records, shipped_jobs
+from tests.integration.job_copies import job_filters, round_records
 from tests.integration.poc_support import (
     FAST_FAILURE_DETECTION,
     HEARTBEAT_TIMEOUT,
@@ -29,7 +29,9 @@ from tests.integration.poc_support import (
     assert_complete_exam_table,
     exam_report,
     matrix_line,
+    he_jobs,
     outcome_jobs,
+    plain_jobs,
     poc_job,
     rounds_recorded,
 )
@@ -42,7 +44,10 @@ SITE_FILTER = {"filter": "PercentileSharingFilter", "source": "site"}  # the res
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, poc_site_datasets):
     root = tmp_path_factory.mktemp("poc_federation")
-    fed = PocFederation(str(root), clients=3, env=FAST_FAILURE_DETECTION, heartbeat_timeout=HEARTBEAT_TIMEOUT, max_jobs=MAX_JOBS, log=print)
+    # provisioned with HE (NVFlare's HEBuilder): every kit holds CKKS keys for the HE jobs, the server's without the secret key
+    fed = PocFederation(
+        str(root), clients=3, env=FAST_FAILURE_DETECTION, heartbeat_timeout=HEARTBEAT_TIMEOUT, max_jobs=MAX_JOBS, he=True, log=print
+    )
     with fed:
         fed.prepare()
         fed.install_server()
@@ -53,7 +58,7 @@ def federation(tmp_path_factory, poc_site_datasets):
 
 
 def test_every_shipped_brats_job_completes_with_the_site_policy_applied(federation, tmp_path):
-    jobs = shipped_jobs("brats")
+    jobs = plain_jobs("brats")
     assert {"brats_fedavg", "brats_percentile", "brats_gaussian_dp", "brats_fedyogi", "brats_dpsgd"} <= set(jobs)
     start = time.time()
     submitted = {job: federation.submit(poc_job(job, str(tmp_path))) for job in jobs}
@@ -119,6 +124,71 @@ def test_every_shipped_outcome_job_completes_with_exams_whole_table(federation, 
         print(matrix_line("research", job, meta["status"], seconds, report))
         assert_complete_exam_table(report, SITES)
         assert report["global_model"].startswith("SRV_"), report["global_model"]
+
+
+def test_the_he_jobs_complete_and_the_server_holds_only_ciphertexts(federation, tmp_path):
+    """Secure aggregation in the real runtime: both HE jobs under the research profile's
+    secure_aggregation scope (partial sharing, then CKKS), and the heart job again under its
+    secure_distributed_dp scope (a third of the noise at each site, encrypted in the same step)."""
+    import tenseal
+
+    assert set(he_jobs()) == {"brats_he", "heart_disease_he"}
+    copies = {job: poc_job(job, str(tmp_path)) for job in he_jobs()}
+    # one round: the sites' lifetime budget (epsilon 10) has paid for the earlier batches' DP jobs
+    copies["heart_disease_he_ddp"] = poc_job("heart_disease_he", str(tmp_path), rounds=1, name="heart_disease_he_ddp", scope="secure_distributed_dp")
+    start = time.time()
+    submitted = {job: federation.submit(path) for job, path in copies.items()}
+
+    server_kit = os.path.join(federation.workspace("server"), "startup")
+    with open(os.path.join(server_kit, "server_context.tenseal"), "rb") as f:
+        server_context = tenseal.context_from(f.read())
+    with open(os.path.join(federation.workspace("site-1"), "startup", "client_context.tenseal"), "rb") as f:
+        site_context = tenseal.context_from(f.read())
+    assert not server_context.is_private() and site_context.is_private()  # the server has no secret key
+
+    for job, job_id in submitted.items():
+        meta = federation.wait(job_id, timeout=900)
+        print(matrix_line("research (HE)", job, meta["status"], time.time() - start))
+        assert meta["status"] == "FINISHED:COMPLETED", (job, meta)
+        result = federation.download(job_id, str(tmp_path / "results"))
+        distributed = job.endswith("_ddp")
+        expected_filters = (
+            [{"filter": "DistributedGaussianPrivacyFilter", "source": "site"}] if distributed
+            else [SITE_FILTER, {"filter": "HEUpdateEncryptor", "source": "site"}]
+        )
+        app_server = os.path.join(result, "workspace", "app_server")
+        saved = torch.load(os.path.join(app_server, "FL_global_model.pt"), map_location="cpu", weights_only=False)["model"]
+        model_values = sum(tenseal.ckks_vector_from(server_context, v).size() for v in saved.values())
+        # what the server held: ciphertexts only, at every round, from every site
+        for record in round_records(result):
+            aggregation = record["aggregation"]
+            assert sorted(aggregation["accepted"]) == SITES and aggregation["rejected"] == {}, (job, aggregation)
+            for site, seen in record["sites"].items():
+                assert seen["filters_applied"] == expected_filters, (job, site, seen["filters_applied"])
+                encryption = seen["privacy"]["medflare_encryption"]
+                assert encryption["scheme"] == "CKKS" and encryption["num_values"] == model_values, (job, site)
+                assert aggregation["ciphertext_bytes"][site] > 4 * 4 * encryption["num_values"], (job, site)
+                if distributed:
+                    dp = seen["privacy"]["medflare_gaussian_dp"]
+                    assert dp["distributed_sites"] == 3 and dp["noise_multiplier"] == 2.4 and encryption["weighted_by"] == "equal"
+                    assert abs(dp["site_noise_multiplier"] - 2.4 / 3 ** 0.5) < 1e-9 and dp["epsilon_site"] <= 10.0
+        # the saved global model: ciphertexts the server cannot decrypt, a site can
+        assert saved and all(isinstance(v, bytes) for v in saved.values()), job
+        vector = tenseal.ckks_vector_from(server_context, next(iter(saved.values())))
+        with pytest.raises(ValueError):
+            vector.decrypt()
+        for value in saved.values():
+            decrypted = tenseal.ckks_vector_from(site_context, value).decrypt()
+            assert decrypted and all(abs(x) < 1e3 for x in decrypted), job
+        if job == "heart_disease_he":
+            # the site-only models travelled encrypted through the server too; EXAM's table is whole
+            from nvflare.apis.dxo import from_file
+
+            models = os.path.join(result, "workspace", "cross_site_val", "model_shareables")
+            for name in os.listdir(models):
+                assert all(isinstance(v, bytes) for v in from_file(os.path.join(models, name)).data.values()), name
+            report = exam_report(result, str(tmp_path / "reports" / job))
+            assert_complete_exam_table(report, SITES)
 
 
 def test_a_job_naming_a_scope_no_site_defines_is_refused_with_nvflares_message(federation, tmp_path):

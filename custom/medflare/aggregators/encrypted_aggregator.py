@@ -125,6 +125,8 @@ class EncryptedSumAggregator(Aggregator):
         #: (site, {name: CKKSVector}, weight, weighted_by, the sites its distributed DP needs or 1)
         self._accepted: list[tuple[str, dict, float, str, int]] = []
         self._rejected: dict[str, str] = {}
+        #: site -> bytes of the ciphertexts it sent (what the server held of it)
+        self._ciphertext_bytes: dict[str, int] = {}
         self._round = None
 
     # accepting -----------------------------------------------------------------------------
@@ -190,6 +192,7 @@ class EncryptedSumAggregator(Aggregator):
         if self._context is None:
             self._context = load_participant_context(self.tenseal_context_file, fl_ctx)
         ciphertexts = read_ciphertexts(dxo.data, self._context, sizes)
+        self._ciphertext_bytes[site] = sum(len(v) for v in dxo.data.values())
         needs = record.get("distributed_dp_sites") or 1
         if isinstance(needs, bool) or not isinstance(needs, int) or needs < 1:
             raise ContributionRejected(f"distributed_dp_sites must be an int >= 2, got {needs!r}")
@@ -235,6 +238,8 @@ class EncryptedSumAggregator(Aggregator):
             "accepted": [c[0] for c in accepted],
             "rejected": dict(self._rejected),
             "update_norms": {},  # not visible: the sites checked theirs before encrypting
+            # every accepted contribution was ciphertexts only (read_ciphertexts refuses anything else)
+            "ciphertext_bytes": {c[0]: self._ciphertext_bytes.get(c[0], 0) for c in accepted},
         }
         if isinstance(current_round, int) and not isinstance(current_round, bool):
             self._aggregated_round = current_round

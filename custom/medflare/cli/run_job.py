@@ -173,7 +173,27 @@ def _check_before_running(job_dir: str, log) -> None:
         raise JobRunError(
             f"job {job_dir} would fail at the server or a site (medflare job check); nothing was run:\n{problems}"
         )
+    if is_encrypted_job(job_dir):
+        raise JobRunError(
+            f"job {job_dir} aggregates CKKS ciphertexts (secure aggregation), which needs a federation provisioned "
+            "with NVFlare's HEBuilder: its simulator provisions no keys and applies no site scope, so the sites "
+            "would encrypt nothing and the server would refuse every contribution. Run it in POC mode: "
+            "nvflare poc prepare -he, medflare site install --profile research, then submit it (docs/submitting-jobs.md)"
+        )
     log(f"job check: OK ({len(check.checked)} configs built against the sites' allow-list)")
+
+
+def is_encrypted_job(job_dir: str) -> bool:
+    """Whether the job's server aggregates ciphertexts (medflare's ``EncryptedSumAggregator``)."""
+    import json
+
+    path = os.path.join(job_dir, "app", "config", "config_fed_server.json")
+    try:
+        with open(path) as f:
+            components = json.load(f).get("components", [])
+    except (OSError, ValueError):
+        return False
+    return any(isinstance(c, dict) and str(c.get("path", "")).endswith("EncryptedSumAggregator") for c in components)
 
 
 def _print(message: str) -> None:

@@ -329,10 +329,78 @@ def check_job(job_dir: str, profile: Optional[str] = None, site_workspace: Optio
     _check_clients(meta, server, check)
     site = _site_policy(profile, site_workspace, check)
     if site is not None and client is not None:
+        _check_secure_aggregation(meta, client, server, site, site_workspace, check)
         _check_budget(meta, client, rounds, site, check)
         if check.ok:
             _check_dp_sgd_budget(meta, client, rounds, site, site_workspace, check)
     return check
+
+
+#: site filters that encrypt what they release (they must end a scope's result chain)
+ENCRYPTING_FILTERS = ("HEUpdateEncryptor", "DistributedGaussianPrivacyFilter")
+
+
+def _check_secure_aggregation(meta: dict, client: dict, server: Optional[dict], site, site_workspace, check: JobCheck) -> None:
+    """An HE job (its server adds ciphertexts) needs a scope that encrypts, with bounds and a
+    weighting the server admits; a plain job cannot read what such a scope sends."""
+    policy, _, _, source = site
+    scope = _scopes(policy).get(_scope_name(meta, policy))
+    if scope is None:
+        return  # an undefined scope is reported by the budget check
+    name = scope.get("name")
+    results = [f for f in scope.get("task_result_filters", []) or [] if isinstance(f, dict)]
+    last = results[-1] if results else {}
+    encrypting = str(last.get("path", "")).rsplit(".", 1)[-1] in ENCRYPTING_FILTERS
+    aggregator = next((c for c in (server or {}).get("components", []) if isinstance(c, dict) and c.get("id") == "aggregator"), {})
+    encrypted_job = str(aggregator.get("path", "")).endswith("EncryptedSumAggregator")
+    if encrypted_job and not encrypting:
+        check.problems.append(
+            f"meta.json: the job's server aggregates only ciphertexts (EncryptedSumAggregator) but scope {name!r} of the "
+            f"{source} does not encrypt (its last result filter must be one of {list(ENCRYPTING_FILTERS)}): every "
+            "contribution would be refused; choose a scope that encrypts (research: secure_aggregation, secure_distributed_dp)"
+        )
+        return
+    if encrypting and not encrypted_job:
+        check.problems.append(
+            f"meta.json: scope {name!r} of the {source} encrypts every result, and the job's aggregator "
+            f"({aggregator.get('path', 'none')}) cannot read ciphertexts: use an HE job (brats_he, heart_disease_he)"
+        )
+        return
+    if not encrypting:
+        return
+    job_filters = [f for chain in client.get("task_result_filters", []) or [] for f in chain.get("filters", [])]
+    if job_filters:
+        check.problems.append(
+            f"app/config/config_fed_client.json: the job's own result filters run after scope {name!r} has encrypted the "
+            "result and would refuse ciphertexts; an HE job carries no result filters"
+        )
+    site_args, job_args = last.get("args") or {}, aggregator.get("args") or {}
+    bound, job_bound = site_args.get("max_update_norm"), job_args.get("max_update_norm")
+    if isinstance(bound, (int, float)) and isinstance(job_bound, (int, float)) and bound > job_bound:
+        check.problems.append(
+            f"scope {name!r} checks updates against max_update_norm {bound}, above the job aggregator's {job_bound}: "
+            "the server refuses every contribution whose recorded bound it does not admit"
+        )
+    weighting = "equal" if last["path"].endswith("DistributedGaussianPrivacyFilter") else site_args.get("weight_meta_key", "num_train_cases")
+    job_weighting = job_args.get("weight_meta_key", "num_train_cases")
+    if weighting not in ("equal", job_weighting):
+        check.problems.append(
+            f"scope {name!r} weights by {weighting!r}, the job's aggregator by {job_weighting!r}: every contribution would be refused"
+        )
+    shares = site_args.get("num_sites")
+    clients = meta.get("min_clients")
+    if isinstance(shares, int) and isinstance(clients, int) and shares > clients:
+        check.problems.append(
+            f"scope {name!r} adds 1/sqrt({shares}) of its noise (distributed DP) and the server refuses sums of fewer "
+            f"than {shares} sites, but the job runs rounds with min_clients {clients}: such rounds are not aggregated"
+        )
+    if site_workspace is not None:
+        context = os.path.join(site_workspace, "startup", site_args.get("tenseal_context_file", "client_context.tenseal"))
+        if not os.path.isfile(context):
+            check.problems.append(
+                f"{context}: missing; scope {name!r} encrypts with the site's CKKS key, which provisioning with "
+                "NVFlare's HEBuilder writes into the startup kit (nvflare poc prepare -he)"
+            )
 
 
 def _scopes(policy: dict) -> dict:

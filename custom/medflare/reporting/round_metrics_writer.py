@@ -30,6 +30,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from medflare.wire_contract import (
     AGGREGATION,
     DP_SGD,
+    ENCRYPTION,
     FILTER_HISTORY,
     FILTERS_APPLIED,
     GAUSSIAN_DP,
@@ -42,7 +43,7 @@ from medflare.wire_contract import (
 )
 
 #: the filters' privacy records, as the wire contract names them
-PRIVACY_RECORDS = (PERCENTILE_SHARING, GAUSSIAN_DP, DP_SGD)
+PRIVACY_RECORDS = (PERCENTILE_SHARING, GAUSSIAN_DP, DP_SGD, ENCRYPTION)
 
 __all__ = ["RoundMetricsWriter", "METRICS_FILE_NAME", "weighted_mean_metrics"]
 
