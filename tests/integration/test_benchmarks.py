@@ -22,8 +22,6 @@ pytestmark = pytest.mark.integration
     ],
 )
 def test_benchmark_quick_run(tmp_path, script, expected):
-    if script == "he_round_cost.py":
-        pytest.importorskip("tenseal")  # NVFlare's HE needs it; medflare does not install it
     out = tmp_path / "results.json"
     done = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", script), "--quick", "--json", str(out)],

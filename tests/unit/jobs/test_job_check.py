@@ -171,3 +171,73 @@ def test_a_site_whose_data_cannot_be_read_gets_no_dp_sgd_estimate_and_is_told_wh
     assert check.ok, check.problems  # the job is fine; the site's data is the site's problem
     (note,) = [c for c in check.checked if "not estimated" in c]
     assert "no data configuration for site 'site-1'" in note, note
+
+
+# --- secure aggregation: a job and the site's scope must agree on encryption -------------------
+
+
+def _scope(folder, name):
+    _edit(folder / "meta.json", lambda m: m.update(scope=name))
+
+
+@pytest.mark.parametrize(
+    "job, scope, message",
+    [
+        ("heart_disease_he", "partial_sharing", "aggregates only ciphertexts (EncryptedSumAggregator) but scope 'partial_sharing'"),
+        ("heart_disease_he", "differential_privacy", "does not encrypt"),
+        ("heart_disease_fedavg", "secure_aggregation", "encrypts every result, and the job's aggregator"),
+        ("brats_fedavg", "secure_distributed_dp", "cannot read ciphertexts: use an HE job"),
+        # brats_he needs two sites a round; distributed DP's noise counts on three
+        ("brats_he", "secure_distributed_dp", "the server refuses sums of fewer than 3 sites, but the job runs rounds with min_clients 2"),
+    ],
+)
+def test_a_job_and_a_scope_that_disagree_on_encryption_are_refused(tmp_path, job, scope, message):
+    folder = _copy(tmp_path, job)
+    _scope(folder, scope)
+    (problem,) = check_job(str(folder), profile="research").problems
+    assert message in problem, problem
+
+
+def test_an_he_job_whose_bound_or_weighting_the_scope_does_not_meet_is_refused(tmp_path):
+    folder = _copy(tmp_path, "heart_disease_he")
+    server = folder / "app" / "config" / "config_fed_server.json"
+
+    def tighten(config):
+        aggregator = next(c for c in config["components"] if c["id"] == "aggregator")
+        aggregator["args"].update(max_update_norm=10.0, weight_meta_key="NUM_STEPS_CURRENT_ROUND")
+
+    _edit(server, tighten)
+    problems = check_job(str(folder), profile="research").problems
+    assert any("max_update_norm 40.0, above the job aggregator's 10.0" in p for p in problems), problems
+    assert any("weights by 'num_train_cases', the job's aggregator by 'NUM_STEPS_CURRENT_ROUND'" in p for p in problems), problems
+
+
+def test_an_he_job_with_its_own_result_filters_is_refused(tmp_path):
+    folder = _copy(tmp_path, "heart_disease_he")
+    client = folder / "app" / "config" / "config_fed_client.json"
+    _edit(client, lambda c: c.update(task_result_filters=[{"tasks": ["train"], "filters": [
+        {"path": "medflare.filters.percentile_sharing.PercentileSharingFilter", "args": {"fraction_shared": 0.5}}]}]))
+    problems = check_job(str(folder), profile="research").problems
+    assert any("would refuse ciphertexts; an HE job carries no result filters" in p for p in problems), problems
+
+
+def test_a_site_without_ckks_keys_is_told_to_provision_with_he(tmp_path):
+    from medflare.sites.site_profiles import resolve_profile
+
+    local = tmp_path / "site-1" / "local"
+    local.mkdir(parents=True)
+    profile = resolve_profile("research")
+    for name in ("privacy.json", "medflare_privacy_budget.json"):
+        shutil.copyfile(os.path.join(profile.folder, name), local / name)
+    job = os.path.join(JOBS, "heart_disease_he")
+    (problem,) = check_job(job, site_workspace=str(tmp_path / "site-1")).problems
+    assert "client_context.tenseal: missing" in problem and "nvflare poc prepare -he" in problem
+    (tmp_path / "site-1" / "startup").mkdir()
+    (tmp_path / "site-1" / "startup" / "client_context.tenseal").write_bytes(b"provisioned")
+    assert check_job(job, site_workspace=str(tmp_path / "site-1")).ok
+
+
+def test_medflare_run_refuses_an_he_job_and_says_where_it_runs(capsys):
+    assert main(["run", os.path.join(JOBS, "heart_disease_he")]) != 0
+    err = capsys.readouterr().err
+    assert "aggregates CKKS ciphertexts" in err and "nvflare poc prepare -he" in err
