@@ -10,6 +10,7 @@
     medflare report PATH [--metric auc] [--global-model best|final|KEY] [--out DIR]
     medflare audit --workspace SITE_DIR --job JOB_DIR [--scope S | --all-scopes] [--cases N] ...
     medflare job check JOB_DIR [--profile NAME | --site-workspace DIR]
+    medflare model decrypt MODEL_PT --key CLIENT_CONTEXT --job JOB_DIR [--out OUT_PT]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Optional, Sequence
 
 from medflare.cli.audit import add_audit_parser
 from medflare.cli.job import add_job_parser
+from medflare.cli.model import add_model_parser
 from medflare.cli.report import add_report_parser
 from medflare.cli.site import add_site_parser
 
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     add_audit_parser(sub)
     add_job_parser(sub)
+    add_model_parser(sub)
     return parser
 
 
@@ -167,11 +170,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from medflare.audit.scratch_site import AuditError
     from medflare.cli.audit import run_audit_command
     from medflare.cli.job import run_job_command
+    from medflare.cli.model import run_model_command
     from medflare.cli.report import run_report_command
     from medflare.cli.site import run_site_command
     from medflare.sites.site_install import InstallError
 
-    handlers = {"data": _data, "run": _run, "budget": _budget, "site": run_site_command, "report": run_report_command, "audit": run_audit_command, "job": run_job_command}
+    handlers = {"data": _data, "run": _run, "budget": _budget, "site": run_site_command, "report": run_report_command, "audit": run_audit_command, "job": run_job_command, "model": run_model_command}
     try:
         return handlers[args.command](args)
     except (JobRunError, DataListError, InstallError, AuditError, ValueError) as e:
