@@ -8,7 +8,8 @@ import os
 
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
-from nvflare.fuel.sec.security_content_service import SecurityContentService
+
+from medflare.transport.he_context import use_startup_kit
 
 CLIENT_CONTEXT = "client_context.tenseal"
 SERVER_CONTEXT = "server_context.tenseal"
@@ -40,5 +41,5 @@ def install_contexts(startup_dir: str, fl_ctx: FLContext) -> None:
     for name, content in ((CLIENT_CONTEXT, client), (SERVER_CONTEXT, server)):
         with open(os.path.join(startup_dir, name), "wb") as f:
             f.write(content)
-    SecurityContentService.initialize(content_folder=startup_dir)
+    use_startup_kit(startup_dir)
     fl_ctx.set_prop(FLContextKey.SECURE_MODE, False, private=True, sticky=True)

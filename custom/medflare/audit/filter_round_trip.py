@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from nvflare.apis.dxo import DataKind, from_shareable
-from nvflare.apis.fl_constant import FilterKey, ReturnCode
+from nvflare.apis.fl_constant import FilterKey, FLContextKey, ReturnCode
 from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 from nvflare.apis.utils.task_utils import apply_filters
@@ -56,6 +56,8 @@ class RoundTrip:
             released privacy record (DP-SGD's when there are both), or ``None`` for a scope without one.
         privacy_records: every privacy record on the result (a DP-SGD job under a Gaussian scope
             carries both, and both are charged).
+        encrypted: the result left as CKKS ciphertexts (secure aggregation): ``released`` is
+            then what a holder of the federation's key reads (any site; the server has none).
     """
 
     raw: Optional[dict] = None
@@ -66,6 +68,7 @@ class RoundTrip:
     meta: dict = field(default_factory=dict)
     epsilon: Optional[dict] = None
     privacy_records: list = field(default_factory=list)
+    encrypted: bool = False
 
 
 class _Errors(logging.Handler):
@@ -105,6 +108,20 @@ def _privacy_records(meta: dict) -> list:
                 "delta": record.get("delta"),
             })
     return records
+
+
+def _decrypted(data: dict, fl_ctx, expected_shapes) -> dict:
+    """Ciphertexts decrypted with this site's own key, as any key holder reads them."""
+    import os
+
+    import tenseal
+
+    from medflare.transport.ckks_update import decrypt_update
+
+    kit = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT).get_startup_kit_dir()
+    with open(os.path.join(kit, "client_context.tenseal"), "rb") as f:
+        context = tenseal.context_from(f.read())
+    return decrypt_update(data, context, expected_shapes)
 
 
 def _dense(dxo, expected_shapes) -> tuple[dict, dict]:
@@ -170,7 +187,12 @@ def _round_trip(executor, fl_ctx, weights, job_filters, round_number, num_rounds
         trip.blocked = f"the result is not a DXO ({e}); the server would reject it"
         return trip
     expected = {k: tuple(np.shape(v)) for k, v in weights.items()}
-    trip.released, trip.masks = _dense(dxo, expected)
+    if isinstance(dxo.data, dict) and dxo.data and all(isinstance(v, bytes) for v in dxo.data.values()):
+        trip.encrypted = True
+        plain = _decrypted(dxo.data, fl_ctx, expected)
+        trip.released, trip.masks = plain, {k: np.ones(v.shape, dtype=bool) for k, v in plain.items()}
+    else:
+        trip.released, trip.masks = _dense(dxo, expected)
     trip.meta = dict(dxo.meta)
     trip.privacy_records = _privacy_records(trip.meta)
     trip.epsilon = trip.privacy_records[0] if trip.privacy_records else None

@@ -195,6 +195,11 @@ def scratch_copy(site: SiteUnderAudit, data: Optional[tuple] = None) -> Iterator
         startup = os.path.join(site.workspace, "startup")
         if os.path.isdir(startup):
             shutil.copytree(startup, os.path.join(root, "startup"), symlinks=False)
+            if os.path.isfile(os.path.join(root, "startup", "client_context.tenseal")):
+                # a kit provisioned with HE: the encrypting scopes read the copy's key as the client reads its own
+                from medflare.transport.he_context import use_startup_kit
+
+                use_startup_kit(os.path.join(root, "startup"))
         else:
             os.makedirs(os.path.join(root, "startup"))
         if site.budget is not None:

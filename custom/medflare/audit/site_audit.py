@@ -400,6 +400,7 @@ class _Run:
             "epsilon": trip.epsilon,
             "privacy_records": trip.privacy_records,
             "batchnorm_statistics": _batchnorm_leak(trip),
+            "encrypted": trip.encrypted,
         }
 
     @functools.cached_property
@@ -584,6 +585,10 @@ def _label_summary(rows: list) -> dict:
 def _verdict(row: dict, reference: Optional[dict]) -> str:
     if not row["released"]:
         return "nothing released"
+    if row.get("encrypted"):
+        return "released as CKKS ciphertexts: the server reads nothing; " + _verdict({**row, "encrypted": False}, reference) + (
+            ", as measured here on what a holder of the federation's key (any site, e.g. one colluding with the server) reads"
+        )
     inversion = row.get("inversion", {})
     beats = inversion.get("beat_prior_fraction")
     if beats is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
 
-__all__ = ["load_participant_context"]
+__all__ = ["load_participant_context", "use_startup_kit"]
 
 
 def load_participant_context(tenseal_context_file: str, fl_ctx: FLContext):
@@ -40,3 +40,17 @@ def load_participant_context(tenseal_context_file: str, fl_ctx: FLContext):
         return tenseal.context_from(data)
     except Exception as e:
         raise ValueError(f"{tenseal_context_file!r} is not a TenSEAL context ({type(e).__name__}: {e})") from None
+
+
+def use_startup_kit(startup_dir: str) -> None:
+    """Point NVFlare's ``SecurityContentService`` at ``startup_dir`` (its signature list and root
+    certificate, when present), replacing the folder it was given before.
+
+    The FLARE client does this once, for its own kit; ``SecurityContentService.initialize``
+    keeps the first folder it was given for the life of the process, so a process that reads
+    several kits in turn (``medflare audit``'s scratch copies, tests) must set it each time.
+    """
+    from nvflare.fuel.sec.security_content_service import SecurityContentManager, SecurityContentService
+
+    SecurityContentService.content_folder = startup_dir
+    SecurityContentService.security_content_manager = SecurityContentManager(startup_dir)
