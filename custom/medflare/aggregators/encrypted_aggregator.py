@@ -172,7 +172,7 @@ class EncryptedSumAggregator(Aggregator):
             raise ContributionRejected(f"not a DXO ({e})") from None
         kind = getattr(dxo.data_kind, "value", dxo.data_kind)
         if kind != DataKind.WEIGHT_DIFF:
-            raise ContributionRejected(f"data kind {kind}, expected {DataKind.WEIGHT_DIFF}")
+            raise ContributionRejected(f"data kind {kind}, expected WEIGHT_DIFF")
         record = dxo.get_meta_prop(ENCRYPTION)
         if dxo.get_meta_prop(HE_ALGORITHM) != CKKS or not isinstance(record, dict):
             raise ContributionRejected(
@@ -193,8 +193,10 @@ class EncryptedSumAggregator(Aggregator):
             self._context = load_participant_context(self.tenseal_context_file, fl_ctx)
         ciphertexts = read_ciphertexts(dxo.data, self._context, sizes)
         self._ciphertext_bytes[site] = sum(len(v) for v in dxo.data.values())
-        needs = record.get("distributed_dp_sites") or 1
-        if isinstance(needs, bool) or not isinstance(needs, int) or needs < 1:
+        needs = record.get("distributed_dp_sites")
+        if needs is None:
+            needs = 1
+        elif isinstance(needs, bool) or not isinstance(needs, int) or needs < 2:
             raise ContributionRejected(f"distributed_dp_sites must be an int >= 2, got {needs!r}")
         if needs > 1 and weighted_by != "equal":
             raise ContributionRejected("distributed DP needs equal weights; the site weighted by a count")

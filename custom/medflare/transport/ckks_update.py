@@ -28,7 +28,8 @@ Notes:
     **What the server can check** without the key (:func:`read_ciphertexts`): that the names
     are exactly the model's, each value is bytes of at most :func:`max_ciphertext_bytes`, each
     deserializes under the server's context (a ciphertext made with other CKKS parameters
-    does not) and holds exactly the parameter's number of values. It cannot see a value: not
+    does not), holds exactly the parameter's number of values, and is fresh: at the context's
+    scale and the first level of its modulus chain (anything else could not be added). It cannot see a value: not
     NaN, not a norm, not a sign. Finiteness and the norm bound are therefore checked at the
     site before encryption (:func:`encrypt_update` refuses non-finite input; the site's
     ``HEUpdateEncryptor`` holds the norm bound). A site that runs modified software can put any
@@ -171,8 +172,25 @@ def read_ciphertexts(data, context, sizes: Mapping[str, int]) -> dict:
             raise CiphertextRejected(f"{name!r} is not a CKKS vector under the federation's parameters ({type(e).__name__}: {e})") from None
         if vector.size() != size:
             raise CiphertextRejected(f"{name!r} holds {vector.size()} values, the model's parameter has {size}")
+        _check_fresh(name, vector, context)
         out[name] = vector
     return out
+
+
+def _check_fresh(name: str, vector, context) -> None:
+    """Every ciphertext of ``vector`` at the context's scale and its first data level, as a site's
+    fresh encryption is: another scale, or a ciphertext already multiplied and rescaled, would
+    deserialize and then fail in the sum (one site would break every site's round)."""
+    scale = float(context.global_scale)
+    first = list(context.seal_context().data.first_parms_id())
+    for n, ciphertext in enumerate(vector.ciphertext()):
+        if float(ciphertext.scale) != scale:
+            raise CiphertextRejected(f"{name!r}: ciphertext {n} is at scale {ciphertext.scale:g}, the federation's is {scale:g}")
+        if list(ciphertext.parms_id()) != first:
+            raise CiphertextRejected(
+                f"{name!r}: ciphertext {n} is not at the first level of the federation's modulus chain "
+                f"({ciphertext.coeff_modulus_size()} primes left): it was not freshly encrypted"
+            )
 
 
 def encrypted_mean(contributions: list, weights: list) -> dict:
@@ -205,8 +223,10 @@ def decrypt_update(data: Mapping, context, shapes: Optional[Mapping[str, tuple]]
     ts = _tenseal()
     out = {}
     for name, value in data.items():
-        vector = ts.ckks_vector_from(context, bytes(value)) if isinstance(value, (bytes, bytearray)) else value
-        array = np.asarray(vector.decrypt(), dtype=np.float64)
+        if isinstance(value, (bytes, bytearray)):
+            array = np.asarray(ts.ckks_vector_from(context, bytes(value)).decrypt(), dtype=np.float64)
+        else:  # a vector linked to another (the server's) context: decrypt with this one's key
+            array = np.asarray(value.decrypt(context.secret_key()), dtype=np.float64)
         out[name] = array.reshape(shapes[name]) if shapes is not None else array
     return out
 

@@ -534,15 +534,6 @@ def _off_standard(kind: str, key, num_values: int) -> bytes:
     return (ts.ckks_vector(key, values) * 1.0).serialize()  # "lower-level": multiplied and rescaled
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG EncryptedSumAggregator / ckks_update.read_ciphertexts: a ciphertext of the right parameters and "
-        "size but another scale (2^30) or a lower modulus level is accepted by accept(), and aggregate() then "
-        "raises ValueError from TenSEAL ('scale mismatch' / 'scale out of bounds'): one site breaks the "
-        "round for all instead of being rejected before anything is added"
-    ),
-)
 @pytest.mark.parametrize("kind", ["other-scale", "lower-level"])
 def test_a_ciphertext_that_cannot_be_added_is_rejected_and_the_round_aggregates(kind, fl_ctx, keys):
     client, _ = keys

@@ -260,14 +260,6 @@ def test_encrypted_mean_refuses_mismatched_lengths_and_a_zero_total(honest, keys
         encrypted_mean([read], [float("nan")])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG ckks_update.decrypt_update: a CKKSVector value is decrypted with vector.decrypt(), "
-        "ignoring the `context` argument, so a vector linked to the server's keyless context (the "
-        "aggregator's output) raises ValueError instead of being decrypted with the site's key"
-    ),
-)
 def test_decrypt_update_decrypts_ckks_vectors_with_the_given_context(honest, keys):
     client, server = keys
     mean = encrypted_mean([read_ciphertexts(honest, server, SIZES)], [1.0])  # vectors of the server's context
@@ -284,16 +276,6 @@ def _off_standard_ciphertext(kind: str, client, num_values: int) -> bytes:
     return (ts.ckks_vector(client, values) * 1.0).serialize()  # "lower-level"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG ckks_update.read_ciphertexts: it checks a vector's parameters and size but not its scale or "
-        "modulus level, so a ciphertext encrypted at scale 2^30, or multiplied and rescaled to a lower "
-        "level, is accepted and encrypted_mean then raises ValueError ('scale mismatch' / 'scale out of "
-        "bounds'); the server can check both without the key (Ciphertext.scale against the context's "
-        "global_scale, parms_id against the first data level) and should raise CiphertextRejected"
-    ),
-)
 @pytest.mark.parametrize("kind", ["other-scale", "lower-level"])
 def test_read_ciphertexts_refuses_a_ciphertext_that_cannot_be_added(kind, honest, keys):
     client, server = keys
