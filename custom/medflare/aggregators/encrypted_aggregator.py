@@ -38,16 +38,15 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
-from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
-from nvflare.app_common.abstract.aggregator import Aggregator
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
-from medflare.aggregators.contribution_checks import ContributionRejected, check_round, check_weight
+from medflare.aggregators.contribution_checks import ContributionRejected, check_weight
+from medflare.aggregators.contribution_intake import ContributionIntake
 from medflare.privacy.argument_checks import check_int, check_real
 from medflare.transport.ckks_update import CKKS, CiphertextRejected, encrypted_mean, read_ciphertexts
 from medflare.transport.he_context import load_participant_context
@@ -64,7 +63,7 @@ from medflare.wire_contract import (
 __all__ = ["EncryptedSumAggregator"]
 
 
-class EncryptedSumAggregator(Aggregator):
+class EncryptedSumAggregator(ContributionIntake):
     """The weighted mean of CKKS-encrypted ``WEIGHT_DIFF`` contributions, each checked as far as ciphertexts allow.
 
     Args:
@@ -112,7 +111,6 @@ class EncryptedSumAggregator(Aggregator):
         self._context = None
         self._sizes: Optional[dict[str, int]] = None
         self._empty_rounds = 0
-        self._aggregated_round: Optional[int] = None
         self.reset(None)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
@@ -122,57 +120,17 @@ class EncryptedSumAggregator(Aggregator):
             self._context = None
 
     def reset(self, fl_ctx: Optional[FLContext]):
-        #: (site, {name: CKKSVector}, weight, weighted_by, the sites its distributed DP needs or 1)
-        self._accepted: list[tuple[str, dict, float, str, int]] = []
-        self._rejected: dict[str, str] = {}
+        super().reset(fl_ctx)
+        #: self._accepted: (site, {name: CKKSVector}, weight, weighted_by, the sites its distributed DP needs or 1)
         #: site -> bytes of the ciphertexts it sent (what the server held of it)
         self._ciphertext_bytes: dict[str, int] = {}
-        self._round = None
 
-    # accepting -----------------------------------------------------------------------------
+    # accepting (the peer, return code, round, duplicate and kind checks: ContributionIntake) -----
 
-    def accept(self, shareable: Shareable, fl_ctx: FLContext) -> bool:
-        site = shareable.get_peer_prop(key=ReservedKey.IDENTITY_NAME, default=None)
-        current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
-        if current_round != self._round:
-            self.reset(fl_ctx)
-            self._round = current_round
-        try:
-            if not isinstance(site, str) or not site:
-                raise ContributionRejected(f"the peer has no identity name (got {site!r:.60})")
-            contribution = self._validated(shareable, site, current_round, fl_ctx)
-        except (ContributionRejected, CiphertextRejected) as e:
-            return self._reject(site, current_round, str(e), fl_ctx)
-        except Exception as e:  # fail closed: what cannot be checked is not aggregated
-            return self._reject(site, current_round, f"could not be checked ({type(e).__name__}: {e})", fl_ctx)
-        self._accepted.append(contribution)
-        self.log_info(fl_ctx, f"accepted the encrypted contribution of {site} in round {current_round} (weight {contribution[2]:g}, {contribution[3]})")
-        return True
+    def _accepted_detail(self, contribution: tuple) -> str:
+        return f"encrypted, weight {contribution[2]:g}, {contribution[3]}"
 
-    def _reject(self, site, current_round, reason: str, fl_ctx: FLContext) -> bool:
-        name = site if isinstance(site, str) and site else "?"
-        while name in self._rejected:
-            name += "'"
-        self._rejected[name] = reason
-        self.log_error(fl_ctx, f"rejected the contribution of {name} in round {current_round}: {reason}")
-        return False
-
-    def _validated(self, shareable: Shareable, site: str, current_round, fl_ctx: FLContext):
-        rc = shareable.get_return_code(ReturnCode.OK)
-        if rc != ReturnCode.OK:
-            raise ContributionRejected(f"return code {rc}")
-        round_number = check_round(shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND), current_round)
-        if round_number == self._aggregated_round:
-            raise ContributionRejected(f"round {round_number} was already aggregated")
-        if any(s == site for s, *_ in self._accepted):
-            raise ContributionRejected("the same site already contributed this round")
-        try:
-            dxo = from_shareable(shareable)
-        except Exception as e:
-            raise ContributionRejected(f"not a DXO ({e})") from None
-        kind = getattr(dxo.data_kind, "value", dxo.data_kind)
-        if kind != DataKind.WEIGHT_DIFF:
-            raise ContributionRejected(f"data kind {kind}, expected WEIGHT_DIFF")
+    def _checked(self, dxo: DXO, shareable: Shareable, site: str, fl_ctx: FLContext):
         record = dxo.get_meta_prop(ENCRYPTION)
         if dxo.get_meta_prop(HE_ALGORITHM) != CKKS or not isinstance(record, dict):
             raise ContributionRejected(
@@ -189,10 +147,6 @@ class EncryptedSumAggregator(Aggregator):
                 f"the site's encryptor checked a norm bound of {bound!r}; this job requires one in (0, {self.max_update_norm:g}]"
             )
         weight, weighted_by = self._weight(dxo, record)
-        if self._context is None:
-            self._context = load_participant_context(self.tenseal_context_file, fl_ctx)
-        ciphertexts = read_ciphertexts(dxo.data, self._context, sizes)
-        self._ciphertext_bytes[site] = sum(len(v) for v in dxo.data.values())
         needs = record.get("distributed_dp_sites")
         if needs is None:
             needs = 1
@@ -200,6 +154,13 @@ class EncryptedSumAggregator(Aggregator):
             raise ContributionRejected(f"distributed_dp_sites must be an int >= 2, got {needs!r}")
         if needs > 1 and weighted_by != "equal":
             raise ContributionRejected("distributed DP needs equal weights; the site weighted by a count")
+        if self._context is None:
+            self._context = load_participant_context(self.tenseal_context_file, fl_ctx)
+        try:
+            ciphertexts = read_ciphertexts(dxo.data, self._context, sizes)
+        except CiphertextRejected as e:
+            raise ContributionRejected(str(e)) from None
+        self._ciphertext_bytes[site] = sum(len(v) for v in dxo.data.values())
         return site, ciphertexts, weight, weighted_by, needs
 
     def _weight(self, dxo: DXO, record: dict) -> tuple[float, str]:
@@ -243,8 +204,7 @@ class EncryptedSumAggregator(Aggregator):
             # every accepted contribution was ciphertexts only (read_ciphertexts refuses anything else)
             "ciphertext_bytes": {c[0]: self._ciphertext_bytes.get(c[0], 0) for c in accepted},
         }
-        if isinstance(current_round, int) and not isinstance(current_round, bool):
-            self._aggregated_round = current_round
+        self._mark_aggregated(current_round)
         self.reset(fl_ctx)
         weightings = sorted({c[3] for c in accepted})
         if len(weightings) > 1:

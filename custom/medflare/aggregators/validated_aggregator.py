@@ -23,21 +23,14 @@ from typing import Optional
 
 import numpy as np
 
-from nvflare.apis.dxo import DXO, DataKind, from_shareable
-from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
-from nvflare.app_common.abstract.aggregator import Aggregator
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
-from medflare.aggregators.contribution_checks import (
-    ContributionRejected,
-    check_round,
-    check_weight,
-    checked_contribution,
-    model_spec,
-)
+from medflare.aggregators.contribution_checks import ContributionRejected, check_weight, checked_contribution, model_spec
+from medflare.aggregators.contribution_intake import ContributionIntake
 from medflare.aggregators.estimators import ESTIMATORS, combine, total_weight
 from medflare.privacy.argument_checks import check_int, check_real
 from medflare.transport.sparse_update import SparseTensor, decode_sparse, decode_sparse_with_masks, register_sparse_decomposers
@@ -51,7 +44,7 @@ AGGREGATION_META_KEY = AGGREGATION
 _UNWEIGHTED = ("median", "trimmed_mean")
 
 
-class ValidatedAggregator(Aggregator):
+class ValidatedAggregator(ContributionIntake):
     """Weighted FedAvg (or a robust estimator) over contributions that passed every check.
 
     Args:
@@ -120,65 +113,20 @@ class ValidatedAggregator(Aggregator):
         self.fail_after_empty_rounds = fail_after_empty_rounds
         register_sparse_decomposers()  # so that sparse partial updates can be received
         self._empty_rounds = 0
-        self._aggregated_round: Optional[int] = None
         self.reset(None)
 
     def reset(self, fl_ctx: Optional[FLContext]):
-        #: (site, update in the model's dtypes, weight or None when withheld, masks or None, norm)
-        self._accepted: list[tuple[str, dict, Optional[float], Optional[dict], float]] = []
-        self._rejected: dict[str, str] = {}
-        self._round: Optional[int] = None
+        super().reset(fl_ctx)
+        #: self._accepted: (site, update in the model's dtypes, weight or None when withheld, masks or None, norm)
         self._spec = None
 
-    # accepting -----------------------------------------------------------------------------
+    # accepting (the peer, return code, round, duplicate and kind checks: ContributionIntake) -----
 
-    def accept(self, shareable: Shareable, fl_ctx: FLContext) -> bool:
-        site = shareable.get_peer_prop(key=ReservedKey.IDENTITY_NAME, default=None)
-        current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
-        if current_round != self._round:  # a workflow that never called reset(): start the round afresh
-            self.reset(fl_ctx)
-            self._round = current_round
-        try:
-            if not isinstance(site, str) or not site:
-                raise ContributionRejected(f"the peer has no identity name (got {site!r:.60})")
-            contribution = self._validated(shareable, site, current_round, fl_ctx)
-        except ContributionRejected as e:
-            return self._reject(site, current_round, str(e), fl_ctx)
-        except Exception as e:  # fail closed: what cannot be checked is not aggregated
-            return self._reject(site, current_round, f"could not be checked ({type(e).__name__}: {e})", fl_ctx)
-        self._accepted.append(contribution)
+    def _accepted_detail(self, contribution: tuple) -> str:
         weight = contribution[2]
-        self.log_info(
-            fl_ctx,
-            f"accepted the contribution of {site} in round {current_round} "
-            f"(weight {'withheld' if weight is None else f'{weight:g}'}, norm {contribution[4]:.4g})",
-        )
-        return True
+        return f"weight {'withheld' if weight is None else f'{weight:g}'}, norm {contribution[4]:.4g}"
 
-    def _reject(self, site, current_round, reason: str, fl_ctx: FLContext) -> bool:
-        name = site if isinstance(site, str) and site else "?"
-        while name in self._rejected:  # a second refusal of the same name keeps the first reason
-            name += "'"
-        self._rejected[name] = reason
-        self.log_error(fl_ctx, f"rejected the contribution of {name} in round {current_round}: {reason}")
-        return False
-
-    def _validated(self, shareable: Shareable, site: str, current_round, fl_ctx: FLContext):
-        rc = shareable.get_return_code(ReturnCode.OK)
-        if rc != ReturnCode.OK:
-            raise ContributionRejected(f"return code {rc}")
-        round_number = check_round(shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND), current_round)
-        if round_number == self._aggregated_round:
-            raise ContributionRejected(f"round {round_number} was already aggregated")
-        if any(s == site for s, *_ in self._accepted):
-            raise ContributionRejected("the same site already contributed this round")
-        try:
-            dxo = from_shareable(shareable)
-        except Exception as e:
-            raise ContributionRejected(f"not a DXO ({e})") from None
-        kind = getattr(dxo.data_kind, "value", dxo.data_kind)
-        if kind != self.expected_data_kind:
-            raise ContributionRejected(f"data kind {kind}, expected {self.expected_data_kind}")
+    def _checked(self, dxo: DXO, shareable: Shareable, site: str, fl_ctx: FLContext):
         weight = self._weight(dxo)
         spec = self._model_spec(fl_ctx)
         sharer_mean = self.estimator == "sharer_mean"
@@ -245,8 +193,7 @@ class ValidatedAggregator(Aggregator):
                 "update_norms": {c[0]: float(c[4]) for c in accepted},
             }
         }
-        if isinstance(current_round, int) and not isinstance(current_round, bool):
-            self._aggregated_round = current_round
+        self._mark_aggregated(current_round)
         global_model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
         global_weights = global_model.get(ModelLearnableKey.WEIGHTS, {}) if isinstance(global_model, dict) else {}
         spec = self._spec
