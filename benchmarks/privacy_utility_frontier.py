@@ -14,6 +14,12 @@ sharing 100/60/40/10 %        FedAvg where each site sends only the largest frac
                               (``share_largest_fraction``, the computation of ``PercentileSharingFilter``)
 Gaussian DP, site eps 8/30    each update clipped to L2 norm C and noised (``gaussian_release``), the noise
                               calibrated so that R releases spend eps at delta 1e-5 per *site*
+distributed DP, site eps 8/30 the Gaussian DP row with the noise shared among the N sites under secure
+                              aggregation (``medflare.privacy.distributed_dp``): the same C, the same z
+                              for the same R releases and eps, the same seeds and noise draws, but each
+                              site adds z/sqrt(N) of it (``site_noise_multiplier``), so the sum of the N
+                              releases, all the server sees, carries z: the same eps per site against
+                              the server, with sqrt(N) less noise in the global mean
 DP-SGD, patient eps 1/4/8     every local step is DP-SGD (per-patient clipping, Poisson sampling, noise);
                               each site's noise multiplier is calibrated to its own sample rate and steps
                               so that each of its *patients* spends eps at delta 1e-5 over the whole run
@@ -27,6 +33,12 @@ Aggregation is as medflare's ``ValidatedAggregator``: weighted by training cases
 releases them (FedAvg, sharing), equal weights when it withholds them (both DP rows, whose
 ``release_meta`` is empty). Noise is seeded here, for reproducible rows (the shipped scopes draw
 it from the operating system).
+
+The distributed DP rows average the N noised updates in plaintext: that is what the server's
+CKKS mean decrypts to (``medflare.transport.ckks_update``: an absolute error of about 3e-8 on
+updates of this size, a few float32 steps of a weight, far below the noise of either row).
+Encrypting this network's 1.2M parameters at every site and round would double a run's time;
+``benchmarks/distributed_dp.py`` runs the real CKKS arithmetic on the heart-disease model.
 
 Printed: Dice per region (TC, WT, ET) and their mean, mean +- sd over seeds, and the ratio of the
 mean Dice to the same seed's centralized run (mean +- sd), with the issue's targets as PASS/FAIL
@@ -69,7 +81,9 @@ class FrontierConfig:
         gaussian_clip: C of the site-level Gaussian rows (the typical norm of one round's update
             is printed by the FedAvg rows, measured in the same run).
         max_grad_norm: C of DP-SGD, per patient and step.
-        fractions, gaussian_epsilons, dp_sgd_epsilons: the frontier's points.
+        fractions, gaussian_epsilons, distributed_epsilons, dp_sgd_epsilons: the frontier's
+            points (``distributed_epsilons`` should be among ``gaussian_epsilons``: the rows
+            are compared in pairs).
     """
 
     sites: int
@@ -84,15 +98,19 @@ class FrontierConfig:
     max_grad_norm: float = 1.0
     fractions: tuple = (1.0, 0.6, 0.4, 0.1)
     gaussian_epsilons: tuple = (8.0, 30.0)
+    distributed_epsilons: tuple = (8.0, 30.0)
     dp_sgd_epsilons: tuple = (1.0, 4.0, 8.0)
 
 
-#: the full run (`make bench-frontier`): 45 runs, about 33 minutes on 2 cores (measured 2026-12-01)
+#: the full run (`make bench-frontier`): 51 runs, about 37 minutes on 2 cores (45 runs in 33
+#: minutes measured 2026-12-01, before the distributed DP rows; ~70 s a run)
 FULL = FrontierConfig(sites=6, cases_per_site=8, size=32, rounds=8, local_epochs=1, seeds=(0, 1, 2))
 QUICK = FrontierConfig(
     sites=3, cases_per_site=4, size=16, rounds=2, local_epochs=1, seeds=(0,),
-    fractions=(1.0, 0.1), gaussian_epsilons=(30.0,), dp_sgd_epsilons=(8.0,),
+    fractions=(1.0, 0.1), gaussian_epsilons=(30.0,), distributed_epsilons=(30.0,), dp_sgd_epsilons=(8.0,),
 )
+#: the kinds of row, for ``--rows``
+KINDS = ("centralized", "site_alone", "fedavg", "sharing", "gaussian", "distributed", "dp_sgd")
 
 
 @dataclass(frozen=True)
@@ -108,18 +126,23 @@ class Row:
             return f"sharing {self.value:.0%}"
         if self.kind == "gaussian":
             return f"Gaussian DP, site eps {self.value:g}"
+        if self.kind == "distributed":
+            return f"distributed DP, site eps {self.value:g}"
         if self.kind == "dp_sgd":
             return f"DP-SGD, patient eps {self.value:g}"
         return {"centralized": "centralized", "site_alone": "site alone (mean of sites)", "fedavg": "FedAvg"}[self.kind]
 
 
-def rows_of(config: FrontierConfig) -> list[Row]:
-    return (
+def rows_of(config: FrontierConfig, kinds=KINDS) -> list[Row]:
+    """The rows of ``config``, only those of ``kinds``."""
+    rows = (
         [Row("centralized"), Row("site_alone"), Row("fedavg")]
         + [Row("sharing", f) for f in config.fractions]
         + [Row("gaussian", e) for e in config.gaussian_epsilons]
+        + [Row("distributed", e) for e in config.distributed_epsilons]
         + [Row("dp_sgd", e) for e in config.dp_sgd_epsilons]
     )
+    return [row for row in rows if row.kind in kinds]
 
 
 # --- one run, in a worker process -------------------------------------------------------------
@@ -191,6 +214,7 @@ def run_one(config: FrontierConfig, row: Row, seed: int, data_configs: dict, pla
     from medflare.privacy.dp_sgd import dp_sgd_epsilon
     from medflare.privacy.gaussian_mechanism import gaussian_release, l2_norm
     from medflare.privacy.accounting import epsilon_spent, noise_multiplier_for
+    from medflare.privacy.distributed_dp import site_noise_multiplier
     from medflare.privacy.noise_sources import SeededGaussianNoise
     from medflare.privacy.percentile_sharing import share_largest_fraction
 
@@ -226,7 +250,10 @@ def run_one(config: FrontierConfig, row: Row, seed: int, data_configs: dict, pla
         }
         sizes = {site: t.num_train_cases for site, t in trainers.items()}
         weighted = row.kind in ("fedavg", "sharing")
-        z_site = noise_multiplier_for(row.value, DELTA, config.rounds) if row.kind == "gaussian" else None
+        noised = row.kind in ("gaussian", "distributed")
+        # z is charged to every site in both rows; under distributed DP each site adds z/sqrt(N) of it
+        z_site = noise_multiplier_for(row.value, DELTA, config.rounds) if noised else None
+        z_release = site_noise_multiplier(z_site, len(trainers)) if row.kind == "distributed" else z_site
         evaluator = next(iter(trainers.values()))
         global_weights = evaluator.get_weights()
         norms, steps = [], {site: 0 for site in trainers}
@@ -240,10 +267,12 @@ def run_one(config: FrontierConfig, row: Row, seed: int, data_configs: dict, pla
                 norms.append(l2_norm(update))
                 if row.kind == "sharing":
                     update, _ = share_largest_fraction(update, row.value, None)
-                elif row.kind == "gaussian":
+                elif noised:  # the same draws in both rows, scaled by z or z/sqrt(N)
                     noise = SeededGaussianNoise(seed * 1_000_003 + rnd * 101 + index)
-                    update, _ = gaussian_release(update, config.gaussian_clip, z_site, noise)
+                    update, _ = gaussian_release(update, config.gaussian_clip, z_release, noise)
                 released[site] = update
+            # equal weights for the DP rows: for distributed DP the mean of the N noised updates,
+            # what the server's CKKS mean decrypts to (module docstring)
             total = sum(sizes.values()) if weighted else len(released)
             global_weights = {
                 k: v + sum((sizes[s] if weighted else 1) * released[s][k] for s in released) / total
@@ -252,8 +281,11 @@ def run_one(config: FrontierConfig, row: Row, seed: int, data_configs: dict, pla
         evaluator.set_weights(global_weights)
         out["dice"] = _dice(evaluator.validate())
         out["update_norm_median"] = float(statistics.median(norms))
-        if row.kind == "gaussian":
+        if noised:
             out["noise_multiplier"] = z_site
+            out["site_noise_multiplier"] = z_release
+            out["sites"] = len(trainers)
+            out["num_parameters"] = int(sum(np.size(v) for v in global_weights.values()))
             out["site_epsilon"] = epsilon_spent([(z_site, config.rounds)], DELTA)
         if row.kind == "dp_sgd":
             out["patient_epsilon"] = {
@@ -355,7 +387,7 @@ def target_lines(ratios: dict) -> list[str]:
 
 def privacy_lines(runs: list[dict]) -> list[str]:
     lines = []
-    for kind in ("gaussian", "dp_sgd"):
+    for kind in ("gaussian", "distributed", "dp_sgd"):
         for value in sorted({r["value"] for r in runs if r["kind"] == kind}):
             mine = [r for r in runs if r["kind"] == kind and r["value"] == value]
             if kind == "gaussian":
@@ -364,6 +396,13 @@ def privacy_lines(runs: list[dict]) -> list[str]:
                     f"Gaussian DP, site eps {value:g}: noise multiplier {r['noise_multiplier']:.3f} per release, "
                     f"epsilon spent per site {r['site_epsilon']:.2f}; median update norm before clipping "
                     f"{statistics.median(x['update_norm_median'] for x in mine):.3g}"
+                )
+            elif kind == "distributed":
+                r = mine[0]
+                lines.append(
+                    f"distributed DP, site eps {value:g}: each of {r['sites']} sites adds noise multiplier "
+                    f"{r['site_noise_multiplier']:.3f} (z/sqrt({r['sites']})), the sum carries {r['noise_multiplier']:.3f}; "
+                    f"epsilon spent per site against the server {r['site_epsilon']:.2f}"
                 )
             else:
                 eps = [e for r in mine for e in r["patient_epsilon"].values()]
@@ -375,6 +414,38 @@ def privacy_lines(runs: list[dict]) -> list[str]:
     fed = [r["update_norm_median"] for r in runs if r["kind"] == "fedavg"]
     if fed:
         lines.append(f"FedAvg: median L2 norm of one site's round update {statistics.median(fed):.3g}")
+    return lines
+
+
+def local_vs_distributed_lines(config: FrontierConfig, runs: list[dict]) -> list[str]:
+    """At each epsilon run both ways: the two rows' mean Dice and ratio to centralized, the
+    per-seed difference (distributed - local, the same seeds and noise draws), and the noise in
+    one round's global mean against the clipped signal.
+
+    With N sites the mean of N local releases has per-coordinate noise sd z C / sqrt(N), the
+    distributed mean z C / N; over d parameters its norm is about sd sqrt(d), while the mean
+    of the clipped updates has norm at most C.
+    """
+    central = {r["seed"]: r["dice"]["mean"] for r in runs if r["kind"] == "centralized"}
+    lines = []
+    for value in sorted({r["value"] for r in runs if r["kind"] == "distributed"}):
+        pair = {kind: {r["seed"]: r for r in runs if r["kind"] == kind and r["value"] == value} for kind in ("gaussian", "distributed")}
+        if not pair["gaussian"]:
+            continue
+        cells = []
+        for kind, name in (("gaussian", "local"), ("distributed", "distributed")):
+            mine = list(pair[kind].values())
+            ratio = [r["dice"]["mean"] / central[r["seed"]] for r in mine if r["seed"] in central]
+            cells.append(f"{name} {_mean_sd([r['dice']['mean'] for r in mine])} ({_mean_sd(ratio)}x centralized)")
+        seeds = sorted(set(pair["gaussian"]) & set(pair["distributed"]))
+        diff = [pair["distributed"][s]["dice"]["mean"] - pair["gaussian"][s]["dice"]["mean"] for s in seeds]
+        r = next(iter(pair["distributed"].values()))
+        n, z, c, d = r["sites"], r["noise_multiplier"], config.gaussian_clip, r["num_parameters"]
+        lines.append(
+            f"site eps {value:g}, local vs distributed: mean Dice {cells[0]} vs {cells[1]}; distributed - local "
+            f"{_mean_sd(diff)} over seeds {seeds}; noise norm of one round's global mean ~ {z * c / math.sqrt(n) * math.sqrt(d):.3g} "
+            f"(local, z C sqrt(d/N)) vs {z * c / n * math.sqrt(d):.3g} (distributed, z C sqrt(d)/N), signal at most C = {c:g}"
+        )
     return lines
 
 
@@ -411,8 +482,14 @@ def plot(config: FrontierConfig, runs: list[dict], out_dir: str) -> list[str]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, label in (("gaussian", "Gaussian DP (one site's whole data)"), ("dp_sgd", "DP-SGD (one patient)")):
+    for kind, label in (
+        ("gaussian", "Gaussian DP, local noise (one site's data)"),
+        ("distributed", "Gaussian DP, noise shared under secure agg. (one site's data)"),
+        ("dp_sgd", "DP-SGD (one patient)"),
+    ):
         values = sorted({r["value"] for r in runs if r["kind"] == kind})
+        if not values:
+            continue
         points = [mean_sd(kind, v) for v in values]
         ax.errorbar(values, [p[0] for p in points], yerr=[p[1] for p in points], marker="o", label=label)
     references(ax)
@@ -436,6 +513,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 small sites, 1 seed, 2 rounds, one point per mechanism: a smoke test")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
     parser.add_argument("--sites", type=int, help="override the number of sites")
+    parser.add_argument(
+        "--rows", nargs="+", choices=KINDS, default=list(KINDS),
+        help="run only these kinds of row (default all); e.g. centralized fedavg gaussian distributed: local against distributed DP",
+    )
     parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="runs at a time (one thread each)")
     parser.add_argument("--out", default=os.path.join("workspace", "bench_frontier"), help="folder for data, JSON and PNGs")
     parser.add_argument("--json", help="also write every run here")
@@ -465,7 +546,7 @@ def main(argv=None) -> int:
           f"{config.rounds} rounds x {config.local_epochs} local epochs (E = {config.rounds * config.local_epochs}), "
           f"seeds {list(config.seeds)}, {args.jobs} runs at a time; load average {os.getloadavg()[0]:.2f}", flush=True)
 
-    rows = rows_of(config)
+    rows = rows_of(config, args.rows)
     sizes = {site: len(train) for site, (train, _) in _site_files(data_configs).items()}
     plans = {row.value: dp_sgd_plan(config, row.value, sizes) for row in rows if row.kind == "dp_sgd"}
     cost = {"dp_sgd": 3, "site_alone": 1, "centralized": 1}
@@ -500,10 +581,10 @@ def main(argv=None) -> int:
     print()
     print(table)
     print()
-    for line in privacy_lines(runs) + target_lines(ratios):
+    for line in privacy_lines(runs) + local_vs_distributed_lines(config, runs) + target_lines(ratios):
         print(line)
     paths = plot(config, runs, args.out)
-    result = {"config": asdict(config), "wall_seconds": wall, "runs": runs, "ratios": ratios}
+    result = {"config": asdict(config), "rows": list(args.rows), "wall_seconds": wall, "runs": runs, "ratios": ratios}
     for path in [os.path.join(args.out, "frontier.json")] + ([args.json] if args.json else []):
         with open(path, "w") as f:
             json.dump(result, f, indent=2)

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.integration
         ("heart_disease.py", "FLamby Fed-Heart-Disease through medflare on NVFlare"),
         ("audit_cost.py", "medflare audit cost"),
         ("he_round_cost.py", "goal: HE round <= 3x the plain round at 5M parameters"),
+        ("distributed_dp.py", "local against distributed Gaussian DP on FLamby Fed-Heart-Disease"),
     ],
 )
 def test_benchmark_quick_run(tmp_path, script, expected):
@@ -43,6 +44,18 @@ def test_benchmark_quick_run(tmp_path, script, expected):
         assert size["agreement_passed"] and size["precision"]["he_max_abs_error"] < 1e-6
         # ciphertexts are larger than the dense float32 update in both directions
         assert size["wire"]["he_up_ciphertext"] > size["wire"]["he_down_ciphertext"] > size["dense_bytes"]
+    if script == "distributed_dp.py":
+        rows = results["rows"]
+        local, distributed = rows["local Gaussian DP, eps 10"], rows["distributed DP (CKKS), eps 10"]
+        # the same z charged to every site; each of the 4 adds half of it, and the sum went through CKKS
+        assert local["noise_multiplier"] == distributed["noise_multiplier"] == local["site_noise_multiplier"]
+        assert distributed["site_noise_multiplier"] == pytest.approx(local["noise_multiplier"] / 2)
+        assert 9.9 <= distributed["site_epsilon"] == local["site_epsilon"] <= 10.0 + 1e-6
+        assert 0 < distributed["ckks_max_abs_error"] < results["ckks_tolerance"]
+        assert distributed["ciphertext_bytes_per_upload"] > 0
+        (comparison,) = results["comparisons"]
+        assert comparison["mean_noise_sd"]["distributed"] == pytest.approx(comparison["mean_noise_sd"]["local"] / 2)
+        assert all(0.0 <= row["accuracy"]["mean"] <= 1.0 for row in rows.values())
     if script == "heart_disease.py":
         # centralised baselines, FedYogi, FedAvg with Gaussian DP and with DP-SGD were run (plain
         # FedAvg is left to test_outcome_jobs_simulator.py in the quick pass)

@@ -39,8 +39,13 @@ def test_quick_frontier_runs_every_kind_of_row_and_spends_what_it_says(tmp_path)
     assert all(s >= 2 for s in dp["steps"].values())
     gaussian = runs["Gaussian DP, site eps 30"]
     assert 29.9 <= gaussian["site_epsilon"] <= 30.0 + 1e-6
+    # distributed DP: the same z charged, each of the 3 sites adding z/sqrt(3) of it
+    distributed = runs["distributed DP, site eps 30"]
+    assert distributed["noise_multiplier"] == gaussian["noise_multiplier"] == gaussian["site_noise_multiplier"]
+    assert distributed["site_noise_multiplier"] == pytest.approx(gaussian["noise_multiplier"] / math.sqrt(3))
+    assert distributed["site_epsilon"] == gaussian["site_epsilon"] and distributed["sites"] == 3
     # the table, the targets and the two figures
-    for text in ("| centralized |", "/ centralized", "target >= 0.98x", "target >= 0.8x"):
+    for text in ("| centralized |", "/ centralized", "target >= 0.98x", "target >= 0.8x", "site eps 30, local vs distributed"):
         assert text in done.stdout
     for png in ("dice_vs_fraction_shared.png", "dice_vs_epsilon.png"):
         assert (tmp_path / "frontier" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -80,6 +85,29 @@ def test_ratios_are_taken_against_the_same_seeds_baseline_and_targets_are_judged
     assert lines[1].startswith("PASS  sharing 10%: 0.950x")
     assert lines[2].startswith("FAIL  DP-SGD, patient eps 8: 0.600x non-private FedAvg")
     assert "| FedAvg | 0.630 ± 0.184 |" in table
+
+
+def test_rows_can_be_selected_by_kind_and_every_distributed_row_has_its_gaussian_pair():
+    for config in (frontier.QUICK, frontier.FULL):
+        assert set(config.distributed_epsilons) <= set(config.gaussian_epsilons)
+    labels = [row.label for row in frontier.rows_of(frontier.FULL, ("centralized", "distributed"))]
+    assert labels == ["centralized", "distributed DP, site eps 8", "distributed DP, site eps 30"]
+
+
+def test_local_and_distributed_rows_are_compared_seed_by_seed():
+    def run(kind, value, seed, mean):
+        return _run(kind, value, seed, mean) | {"sites": 4, "noise_multiplier": 2.0, "num_parameters": 100}
+
+    runs = [
+        run("centralized", None, 0, 0.5), run("centralized", None, 1, 0.8),
+        run("gaussian", 8.0, 0, 0.1), run("gaussian", 8.0, 1, 0.2),
+        run("distributed", 8.0, 0, 0.2), run("distributed", 8.0, 1, 0.4),
+    ]
+    (line,) = frontier.local_vs_distributed_lines(frontier.QUICK, runs)
+    assert "local 0.150 ± 0.071 (0.225 ± 0.035x centralized) vs distributed 0.300 ± 0.141 (0.450 ± 0.071x centralized)" in line
+    assert "distributed - local 0.150 ± 0.071 over seeds [0, 1]" in line
+    # noise norm of the mean: z C sqrt(d / N) = 2 * 1 * 10 / 2 locally, z C sqrt(d) / N = 5 distributed
+    assert "~ 10 (local" in line and "vs 5 (distributed" in line
 
 
 def test_a_rerun_keeps_only_finished_runs_of_the_same_settings(tmp_path):
