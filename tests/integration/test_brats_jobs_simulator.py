@@ -77,19 +77,6 @@ def _client_filter(job_dir):
     return client["task_result_filters"][0]["filters"][0]
 
 
-def test_percentile_sharing_job_sends_only_the_shared_fraction(tmp_path):
-    job, _ = _small_job(tmp_path, "brats_percentile")
-    fraction = _client_filter(job)["args"]["fraction_shared"]
-    result = run_job(RunOptions(job_dir=job, sites=2, rounds=2, workspace=str(tmp_path / "ws"), cases=5, size=32, seed=1), log=lambda m: None)
-    for record in result["records"]:
-        for site, report in record["sites"].items():
-            # proven from what the server received: the filter ran at the site and shared the fraction asked
-            assert report["filter_history"] == ["PercentileSharingFilter"], site
-            sharing = report["privacy"]["medflare_percentile_sharing"]
-            assert sharing["num_shared"] == round(fraction * sharing["num_total"])
-    assert os.path.isfile(os.path.join(result["server_run_dir"], "app_server", "FL_global_model.pt"))
-
-
 def test_gaussian_dp_job_reports_epsilon_per_round(tmp_path):
     from medflare.privacy.accounting import epsilon_spent, noise_multiplier_for
     from medflare.privacy.budget_ledger import PrivacyBudgetLedger
@@ -125,17 +112,23 @@ def _set_sparse(job_dir, sparse):
         json.dump(client, f)
 
 
-def test_sparse_transport_gives_the_dense_global_model(tmp_path):
-    """The same partial-sharing round, sent dense and sent sparse: the global models agree."""
+def test_partial_sharing_sends_the_shared_fraction_and_sparse_transport_gives_the_dense_global_model(tmp_path):
+    """The shipped partial-sharing job (sent sparse) and the same round sent dense: each site
+    shared the fraction asked, proven from what the server received, and the global models agree."""
     models = {}
-    for sparse in (False, True):
+    for sparse in (True, False):
         job, _ = _small_job(tmp_path / f"sparse_{sparse}", "brats_percentile")
-        _set_sparse(job, sparse)
+        fraction = _client_filter(job)["args"]["fraction_shared"]
+        if not sparse:
+            _set_sparse(job, False)
         result = run_job(
             RunOptions(job_dir=job, sites=2, rounds=1, workspace=str(tmp_path / f"ws_{sparse}"), cases=5, size=32, seed=1),
             log=lambda m: None,
         )
-        assert all(s["privacy"]["medflare_percentile_sharing"]["sparse"] is sparse for s in result["records"][0]["sites"].values())
+        for site, report in result["records"][0]["sites"].items():
+            assert report["filter_history"] == ["PercentileSharingFilter"], site
+            sharing = report["privacy"]["medflare_percentile_sharing"]
+            assert sharing["sparse"] is sparse and sharing["num_shared"] == round(fraction * sharing["num_total"]), site
         saved = torch.load(os.path.join(result["server_run_dir"], "app_server", "FL_global_model.pt"), map_location="cpu", weights_only=False)
         models[sparse] = saved.get("model", saved)
     for key in models[False]:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from medflare.jobs.job_config import SECTIONS, ConfigBuilder, resolve_variables
+from medflare.wire_contract import NUM_TRAIN_CASES
 
 __all__ = ["JobCheck", "check_job"]
 
@@ -381,8 +382,8 @@ def _check_secure_aggregation(meta: dict, client: dict, server: Optional[dict], 
             f"scope {name!r} checks updates against max_update_norm {bound}, above the job aggregator's {job_bound}: "
             "the server refuses every contribution whose recorded bound it does not admit"
         )
-    weighting = "equal" if last["path"].endswith("DistributedGaussianPrivacyFilter") else site_args.get("weight_meta_key", "num_train_cases")
-    job_weighting = job_args.get("weight_meta_key", "num_train_cases")
+    weighting = "equal" if last["path"].endswith("DistributedGaussianPrivacyFilter") else site_args.get("weight_meta_key", NUM_TRAIN_CASES)
+    job_weighting = job_args.get("weight_meta_key", NUM_TRAIN_CASES)
     if weighting not in ("equal", job_weighting):
         check.problems.append(
             f"scope {name!r} weights by {weighting!r}, the job's aggregator by {job_weighting!r}: every contribution would be refused"
