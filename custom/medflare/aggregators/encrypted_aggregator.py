@@ -39,7 +39,6 @@ from typing import Optional
 
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind
-from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.model import ModelLearnableKey
@@ -49,7 +48,7 @@ from medflare.aggregators.contribution_checks import ContributionRejected, check
 from medflare.aggregators.contribution_intake import ContributionIntake
 from medflare.privacy.argument_checks import check_int, check_real
 from medflare.transport.ckks_update import CKKS, CiphertextRejected, encrypted_mean, read_ciphertexts
-from medflare.transport.he_context import load_participant_context
+from medflare.transport.he_context import HoldsParticipantContext
 from medflare.wire_contract import (
     AGGREGATION,
     ENCRYPTION,
@@ -63,7 +62,7 @@ from medflare.wire_contract import (
 __all__ = ["EncryptedSumAggregator"]
 
 
-class EncryptedSumAggregator(ContributionIntake):
+class EncryptedSumAggregator(HoldsParticipantContext, ContributionIntake):
     """The weighted mean of CKKS-encrypted ``WEIGHT_DIFF`` contributions, each checked as far as ciphertexts allow.
 
     Args:
@@ -100,24 +99,15 @@ class EncryptedSumAggregator(ContributionIntake):
         check_int("min_contributions", min_contributions, 1, None)
         if fail_after_empty_rounds is not None:
             check_int("fail_after_empty_rounds", fail_after_empty_rounds, 1, None)
-        if not isinstance(tenseal_context_file, str) or not tenseal_context_file:
-            raise TypeError(f"tenseal_context_file must be a file name in the startup kit, got {tenseal_context_file!r}")
         self.max_update_norm = float(max_update_norm)
         self.weight_meta_key = weight_meta_key
         self.max_weight = max_weight
         self.min_contributions = min_contributions
         self.fail_after_empty_rounds = fail_after_empty_rounds
-        self.tenseal_context_file = tenseal_context_file
-        self._context = None
+        self._set_context_file(tenseal_context_file)
         self._sizes: Optional[dict[str, int]] = None
         self._empty_rounds = 0
         self.reset(None)
-
-    def handle_event(self, event_type: str, fl_ctx: FLContext):
-        if event_type == EventType.START_RUN:
-            self._context = load_participant_context(self.tenseal_context_file, fl_ctx)
-        elif event_type == EventType.END_RUN:
-            self._context = None
 
     def reset(self, fl_ctx: Optional[FLContext]):
         super().reset(fl_ctx)
@@ -154,10 +144,8 @@ class EncryptedSumAggregator(ContributionIntake):
             raise ContributionRejected(f"distributed_dp_sites must be an int >= 2, got {needs!r}")
         if needs > 1 and weighted_by != "equal":
             raise ContributionRejected("distributed DP needs equal weights; the site weighted by a count")
-        if self._context is None:
-            self._context = load_participant_context(self.tenseal_context_file, fl_ctx)
         try:
-            ciphertexts = read_ciphertexts(dxo.data, self._context, sizes)
+            ciphertexts = read_ciphertexts(dxo.data, self._ckks_context(fl_ctx), sizes)
         except CiphertextRejected as e:
             raise ContributionRejected(str(e)) from None
         self._ciphertext_bytes[site] = sum(len(v) for v in dxo.data.values())
@@ -186,9 +174,8 @@ class EncryptedSumAggregator(ContributionIntake):
             weights = global_model.get(ModelLearnableKey.WEIGHTS) if isinstance(global_model, dict) else None
             if not isinstance(weights, dict) or not weights:
                 raise ContributionRejected("the server has no global model to check the contribution against")
-            if self._context is None:
-                self._context = load_participant_context(self.tenseal_context_file, fl_ctx)
-            self._sizes = {name: _size(value, self._context) for name, value in weights.items()}
+            context = self._ckks_context(fl_ctx)
+            self._sizes = {name: _size(value, context) for name, value in weights.items()}
         return self._sizes
 
     # aggregating ---------------------------------------------------------------------------

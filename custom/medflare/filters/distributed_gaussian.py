@@ -21,7 +21,6 @@ from typing import Optional
 
 import numpy as np
 from nvflare.apis.dxo import DXO
-from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
@@ -30,12 +29,12 @@ from medflare.filters.he_encryption import encrypted_result
 from medflare.privacy.argument_checks import check_int, check_real
 from medflare.privacy.distributed_dp import site_noise_multiplier
 from medflare.privacy.update_checks import UnsafeUpdateError, l2_norm
-from medflare.transport.he_context import load_participant_context
+from medflare.transport.he_context import HoldsParticipantContext
 
 __all__ = ["DistributedGaussianPrivacyFilter"]
 
 
-class DistributedGaussianPrivacyFilter(GaussianPrivacyFilter):
+class DistributedGaussianPrivacyFilter(HoldsParticipantContext, GaussianPrivacyFilter):
     """Clip to ``clipping_norm``, add ``1/sqrt(num_sites)`` of the noise, CKKS-encrypt; charge ``z``.
 
     Args:
@@ -88,19 +87,10 @@ class DistributedGaussianPrivacyFilter(GaussianPrivacyFilter):
         )
         check_int("num_sites", num_sites, 2)
         check_real("max_update_norm", max_update_norm, 0.0, None, low_open=True)
-        if not isinstance(tenseal_context_file, str) or not tenseal_context_file:
-            raise TypeError(f"tenseal_context_file must be a file name in the startup kit, got {tenseal_context_file!r}")
         self.num_sites = num_sites
         self.max_update_norm = float(max_update_norm)
-        self.tenseal_context_file = tenseal_context_file
+        self._set_context_file(tenseal_context_file)
         self.site_noise_multiplier = site_noise_multiplier(self.effective_noise_multiplier, num_sites)
-        self._context = None
-
-    def handle_event(self, event_type: str, fl_ctx: FLContext):
-        if event_type == EventType.START_RUN:
-            self._context = load_participant_context(self.tenseal_context_file, fl_ctx)
-        elif event_type == EventType.END_RUN:
-            self._context = None
 
     def _release_noise_multiplier(self) -> float:
         return self.site_noise_multiplier
@@ -109,8 +99,7 @@ class DistributedGaussianPrivacyFilter(GaussianPrivacyFilter):
         return {"distributed_sites": self.num_sites, "site_noise_multiplier": self.site_noise_multiplier}
 
     def filter_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
-        if self._context is None:  # before anything is charged: no key, no release
-            self._context = load_participant_context(self.tenseal_context_file, fl_ctx)
+        context = self._ckks_context(fl_ctx)  # before anything is charged: no key, no release
         noised = super().filter_dxo(dxo, shareable, fl_ctx)
         norm = l2_norm(noised.data)
         if not np.isfinite(norm) or norm > self.max_update_norm:
@@ -118,7 +107,7 @@ class DistributedGaussianPrivacyFilter(GaussianPrivacyFilter):
                 f"the noised update's L2 norm {norm:.6g} exceeds max_update_norm {self.max_update_norm:g}; not sent"
             )
         data, meta = encrypted_result(
-            noised.data, noised.meta, self._context, "equal", 1.0, self.max_update_norm, distributed_dp_sites=self.num_sites
+            noised.data, noised.meta, context, "equal", 1.0, self.max_update_norm, distributed_dp_sites=self.num_sites
         )
         self.log_info(fl_ctx, f"distributed DP share (z/sqrt({self.num_sites}) = {self.site_noise_multiplier:.4g}) encrypted")
         return DXO(data_kind=noised.data_kind, data=data, meta=meta)

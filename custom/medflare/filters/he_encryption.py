@@ -43,9 +43,9 @@ from nvflare.app_opt.he.model_decryptor import HEModelDecryptor as NVFlareHEMode
 
 from medflare.filters.fail_closed_filter import FailClosedDXOFilter
 from medflare.privacy.argument_checks import check_real
-from medflare.privacy.update_checks import UnsafeUpdateError, l2_norm
+from medflare.privacy.update_checks import UnsafeUpdateError, check_update, l2_norm
 from medflare.transport.ckks_update import CKKS, encrypt_update
-from medflare.transport.he_context import load_participant_context
+from medflare.transport.he_context import HoldsParticipantContext, load_participant_context
 from medflare.transport.sparse_update import SparseTensor, decode_sparse, register_sparse_decomposers
 from medflare.wire_contract import (
     ENCRYPTION,
@@ -54,7 +54,6 @@ from medflare.wire_contract import (
     LOCAL_MODEL,
     NUM_TRAIN_CASES,
     WEIGHT_KEYS,
-    check_result_meta,
 )
 
 __all__ = ["HEModelDecryptor", "HEUpdateEncryptor", "encrypted_result"]
@@ -92,10 +91,10 @@ def encrypted_result(
     if distributed_dp_sites is not None:
         record["distributed_dp_sites"] = int(distributed_dp_sites)
     meta[ENCRYPTION] = record
-    return encrypted, check_result_meta(meta, "encrypted result meta")
+    return encrypted, meta  # the filter's base class checks the released meta against the contract
 
 
-class HEUpdateEncryptor(FailClosedDXOFilter):
+class HEUpdateEncryptor(HoldsParticipantContext, FailClosedDXOFilter):
     """Check, weight and CKKS-encrypt a site's ``WEIGHT_DIFF`` (or its site-only ``WEIGHTS``).
 
     Args:
@@ -136,23 +135,13 @@ class HEUpdateEncryptor(FailClosedDXOFilter):
         check_real("max_update_norm", max_update_norm, 0.0, None, low_open=True)
         if weight_meta_key not in WEIGHT_KEYS:
             raise ValueError(f"weight_meta_key must be one of {list(WEIGHT_KEYS)}, got {weight_meta_key!r}")
-        if not isinstance(tenseal_context_file, str) or not tenseal_context_file:
-            raise TypeError(f"tenseal_context_file must be a file name in the startup kit, got {tenseal_context_file!r}")
         self.max_update_norm = float(max_update_norm)
         self.weight_meta_key = weight_meta_key
-        self.tenseal_context_file = tenseal_context_file
-        self._context = None
+        self._set_context_file(tenseal_context_file)
         register_sparse_decomposers()
 
-    def handle_event(self, event_type: str, fl_ctx: FLContext):
-        if event_type == EventType.START_RUN:
-            self._context = load_participant_context(self.tenseal_context_file, fl_ctx)
-        elif event_type == EventType.END_RUN:
-            self._context = None
-
     def filter_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
-        if self._context is None:
-            self._context = load_participant_context(self.tenseal_context_file, fl_ctx)
+        context = self._ckks_context(fl_ctx)
         update = self._dense(dxo.data)
         meta = dict(dxo.meta)
         if dxo.data_kind == DataKind.WEIGHTS:
@@ -173,7 +162,7 @@ class HEUpdateEncryptor(FailClosedDXOFilter):
             norm_bound = self.max_update_norm
             count = meta.get(self.weight_meta_key)
             weighted_by, weight = (self.weight_meta_key, float(count)) if count else ("equal", 1.0)
-        data, meta = encrypted_result(update, meta, self._context, weighted_by, weight, norm_bound)
+        data, meta = encrypted_result(update, meta, context, weighted_by, weight, norm_bound)
         self.log_info(
             fl_ctx,
             f"encrypted {len(data)} {dxo.data_kind} entries with CKKS (weight {weight:g}, {weighted_by}); "
@@ -183,7 +172,8 @@ class HEUpdateEncryptor(FailClosedDXOFilter):
 
     @staticmethod
     def _dense(data: dict) -> dict:
-        """Sparse entries restored with zeros where nothing was shared; every entry a float array."""
+        """Sparse entries restored with zeros where nothing was shared; every entry finite (checked
+        before the norm, so that a NaN is named as one)."""
         sparse = {k: v for k, v in data.items() if isinstance(v, SparseTensor)}
         dense = dict(data)
         if sparse:
@@ -191,15 +181,8 @@ class HEUpdateEncryptor(FailClosedDXOFilter):
                 dense.update(decode_sparse(sparse))
             except ValueError as e:
                 raise UnsafeUpdateError(f"malformed sparse entries: {e}") from None
-        out = {}
-        for name, value in dense.items():
-            array = np.asarray(value)
-            if array.dtype.kind not in "fiub":
-                raise UnsafeUpdateError(f"{name!r} is {array.dtype}, not numbers; nothing is encrypted")
-            if not np.all(np.isfinite(array)):
-                raise UnsafeUpdateError(f"{name!r} holds NaN or infinite values; nothing is encrypted")
-            out[name] = array
-        return out
+        check_update(dense, require_float=False)
+        return dense
 
 
 class HEModelDecryptor(NVFlareHEModelDecryptor):

@@ -54,3 +54,34 @@ def use_startup_kit(startup_dir: str) -> None:
 
     SecurityContentService.content_folder = startup_dir
     SecurityContentService.security_content_manager = SecurityContentManager(startup_dir)
+
+
+class HoldsParticipantContext:
+    """The CKKS context of a component that encrypts, decrypts or adds ciphertexts: loaded from
+    the participant's kit when the run starts (or at first use), dropped when it ends.
+
+    Mix in before the NVFlare base class; call :meth:`_set_context_file` in ``__init__``.
+    """
+
+    tenseal_context_file: str
+    _context = None
+
+    def _set_context_file(self, tenseal_context_file) -> None:
+        if not isinstance(tenseal_context_file, str) or not tenseal_context_file:
+            raise TypeError(f"tenseal_context_file must be a file name in the startup kit, got {tenseal_context_file!r}")
+        self.tenseal_context_file = tenseal_context_file
+        self._context = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        from nvflare.apis.event_type import EventType
+
+        if event_type == EventType.START_RUN:
+            self._context = load_participant_context(self.tenseal_context_file, fl_ctx)
+        elif event_type == EventType.END_RUN:
+            self._context = None
+
+    def _ckks_context(self, fl_ctx: FLContext):
+        """The context, loaded now if the run's start did not (raises ValueError without one)."""
+        if self._context is None:
+            self._context = load_participant_context(self.tenseal_context_file, fl_ctx)
+        return self._context
