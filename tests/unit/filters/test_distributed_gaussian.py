@@ -200,3 +200,26 @@ def test_the_share_of_a_solved_noise_multiplier_is_z_over_sqrt_n():
     dp = _filter(noise_multiplier=None, target_epsilon=8.0, num_rounds=5)
     assert dp.site_noise_multiplier == pytest.approx(dp.effective_noise_multiplier / math.sqrt(N), rel=1e-12)
     assert (dp.num_sites, dp.max_update_norm, dp.tenseal_context_file) == (N, 1600.0, "client_context.tenseal")
+
+
+def test_a_truncated_ledger_blocks_the_next_release_and_nothing_leaves(fl_ctx):
+    dp = _filter()
+    dp.process(_result(round_number=1), fl_ctx)
+    dp.process(_result(round_number=2), fl_ctx)
+    local = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT).get_site_config_dir()
+    path = f"{local}/{LEDGER_FILE_NAME}"
+    with open(path) as f:
+        ledger = json.load(f)
+    ledger["records"] = ledger["records"][:1]  # a rollback: the second release forgotten
+    with open(path, "w") as f:
+        json.dump(ledger, f)
+    with pytest.raises(UnsafeUpdateError, match="(?i)ledger"):
+        dp.process(_result(round_number=3), fl_ctx)
+
+
+def test_an_exhausted_budget_blocks_the_release_before_any_noise_is_encrypted(fl_ctx):
+    dp = _filter(max_epsilon=2.0)  # one release at z = 2.4 spends about 1.8; a second would exceed 2
+    dp.process(_result(round_number=1), fl_ctx)
+    with pytest.raises(UnsafeUpdateError, match="(?i)epsilon|budget"):
+        dp.process(_result(round_number=2), fl_ctx)
+    assert len(_releases(fl_ctx)) == 1
