@@ -36,7 +36,10 @@ class ContributionIntake(Aggregator):
     expected_data_kind: str = "WEIGHT_DIFF"
 
     def __init__(self):
-        super().__init__()
+        # explicitly, not super(): a subclass that is also a ModelAggregator would otherwise run
+        # ModelAggregator.__init__, which does not call FLComponent's (no logger, no name)
+        Aggregator.__init__(self)
+        self.fl_ctx: Optional[FLContext] = None
         self._aggregated_round: Optional[int] = None
 
     def reset(self, fl_ctx: Optional[FLContext]):

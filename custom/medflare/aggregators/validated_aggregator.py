@@ -14,6 +14,14 @@ are combined by the chosen estimator (:mod:`.estimators`) in float64 and returne
 model's dtypes. After ``fail_after_empty_rounds`` consecutive rounds with no accepted
 contribution the job is stopped (``system_panic``).
 
+It is also a ``ModelAggregator``, so NVFlare's FLModel workflows keep it: the ``FedAvg``
+controller that ``FedAvgRecipe(aggregator=ValidatedAggregator(...))`` builds calls
+:meth:`~ValidatedAggregator.accept_model`, which runs the same checks on the site's ``FLModel``
+(the site's name is the one the controller recorded from the task, not one the site wrote; the
+round is the ``FLModel``'s). NVFlare's recipes silently fall back to plain averaging for an
+aggregator that is not a ``ModelAggregator``; :class:`medflare.recipes.fedavg.FedAvgRecipe`
+refuses one instead.
+
 Key names come from :mod:`medflare.wire_contract`; the server imports no client module.
 """
 
@@ -24,10 +32,16 @@ from typing import Optional
 import numpy as np
 
 from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
+from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.abstract.model import ModelLearnableKey
+from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from medflare.aggregators.contribution_checks import ContributionRejected, check_weight, checked_contribution, model_spec
 from medflare.aggregators.contribution_intake import ContributionIntake
@@ -44,7 +58,11 @@ AGGREGATION_META_KEY = AGGREGATION
 _UNWEIGHTED = ("median", "trimmed_mean")
 
 
-class ValidatedAggregator(ContributionIntake):
+#: events whose FLContext carries the FLModel workflow's round and global model
+_CONTEXT_EVENTS = (EventType.START_RUN, AppEventType.INITIAL_MODEL_LOADED, AppEventType.ROUND_STARTED)
+
+
+class ValidatedAggregator(ContributionIntake, ModelAggregator):
     """Weighted FedAvg (or a robust estimator) over contributions that passed every check.
 
     Args:
@@ -119,6 +137,7 @@ class ValidatedAggregator(ContributionIntake):
         super().reset(fl_ctx)
         #: self._accepted: (site, update in the model's dtypes, weight or None when withheld, masks or None, norm)
         self._spec = None
+        self._torch_params = False
 
     # accepting (the peer, return code, round, duplicate and kind checks: ContributionIntake) -----
 
@@ -179,6 +198,41 @@ class ValidatedAggregator(ContributionIntake):
                 )
             self._spec = model_spec(weights)
         return self._spec
+
+    # the FLModel interface (NVFlare's FedAvg controller, FedAvgRecipe) ------------------------
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        # accept_model() gets no FLContext: keep the controller's, which holds CURRENT_ROUND and
+        # the global model (AppConstants.GLOBAL_MODEL) the contributions are checked against
+        if event_type in _CONTEXT_EVENTS:
+            self.fl_ctx = fl_ctx
+
+    def accept_model(self, model: FLModel) -> bool:
+        """Check and keep one site's ``FLModel``, as :meth:`accept` does a ``Shareable``."""
+        try:
+            shareable = _contribution_from_model(model)
+        except Exception as e:  # fail closed: what cannot be read is not aggregated
+            site = (getattr(model, "meta", None) or {}).get("client_name") if isinstance(model, FLModel) else None
+            return self._reject(site, self._fl_ctx_round(), f"not a readable FLModel ({type(e).__name__}: {e})", self.fl_ctx)
+        accepted = self.accept(shareable, self.fl_ctx)  # may start the round afresh (reset)
+        self._torch_params = self._torch_params or (accepted and _holds_tensors(model.params))
+        return accepted
+
+    def aggregate_model(self) -> FLModel:
+        """The round's aggregate as an ``FLModel`` (tensors again if the sites sent tensors)."""
+        torch_params = self._torch_params
+        aggregated = FLModelUtils.from_shareable(self.aggregate(self.fl_ctx))
+        if torch_params:
+            import torch
+
+            aggregated.params = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in aggregated.params.items()}
+        return aggregated
+
+    def reset_stats(self):
+        self.reset(self.fl_ctx)
+
+    def _fl_ctx_round(self):
+        return self.fl_ctx.get_prop(AppConstants.CURRENT_ROUND) if self.fl_ctx is not None else None
 
     # aggregating ---------------------------------------------------------------------------
 
@@ -244,3 +298,28 @@ class ValidatedAggregator(ContributionIntake):
         else:
             data = {k: np.zeros(np.shape(v), dtype=model_spec({k: v})[k][1]) for k, v in global_weights.items()}
         return DXO(data_kind=self.expected_data_kind, data=data, meta=meta).to_shareable()
+
+
+def _holds_tensors(params) -> bool:
+    return isinstance(params, dict) and any(hasattr(v, "detach") for v in params.values())
+
+
+def _contribution_from_model(model: FLModel) -> Shareable:
+    """A site's ``FLModel`` as the ``Shareable`` ``ScatterAndGather`` would have handed over:
+    the DXO, the site's name as the peer (``meta["client_name"]``, which NVFlare's model
+    controller sets from the task's client) and the round as the contribution cookie."""
+    if not isinstance(model, FLModel):
+        raise TypeError(f"expected an FLModel, got {type(model).__name__}")
+    if _holds_tensors(model.params):
+        model = FLModel(
+            params_type=model.params_type,
+            params={k: v.detach().cpu().numpy() if hasattr(v, "detach") else v for k, v in model.params.items()},
+            metrics=model.metrics,
+            meta=model.meta,
+            current_round=model.current_round,
+        )
+    shareable = FLModelUtils.to_shareable(model)
+    meta = model.meta or {}
+    shareable.set_peer_props({ReservedKey.IDENTITY_NAME: meta.get("client_name")})
+    shareable.add_cookie(AppConstants.CONTRIBUTION_ROUND, model.current_round)
+    return shareable
