@@ -99,7 +99,7 @@ def test_gaussian_dp_job_reports_epsilon_per_round(tmp_path):
         assert sorted(record["aggregation"]["accepted"]) == ["site-1", "site-2"]
     # each site's ledger recorded both rounds' releases
     for site in ("site-1", "site-2"):
-        ledger = os.path.join(result["run_dir"], "simulator", site, "local", "medflare_privacy_ledger.json")
+        ledger = os.path.join(result["simulation_dir"], site, "local", "medflare_privacy_ledger.json")
         assert [r["round"] for r in PrivacyBudgetLedger.read_releases(ledger)] == [0, 1]
 
 

@@ -45,7 +45,7 @@ def _check_dp_sgd_run(result, job_dir, sites, site_only):
             assert seen["steps"] is None and seen["train_loss"] is None and seen["global_model_metrics"] == {}, site
             assert {"filter": "PatientDPSGDFilter", "source": "job"} in seen["filters_applied"], site
     for site in sites:
-        with open(os.path.join(result["run_dir"], "simulator", site, "local", "medflare_privacy_ledger.json")) as f:
+        with open(os.path.join(result["simulation_dir"], site, "local", "medflare_privacy_ledger.json")) as f:
             releases = [r for r in json.load(f)["records"] if r.get("event") == "release"]
         assert all(r["mechanism"] == "dp_sgd" and r["noise_multiplier"] == pytest.approx(z) for r in releases), site
         # one release per round, and the site-only model's cumulative record at submit_model

@@ -1,9 +1,16 @@
-"""``medflare run``: run a job folder in the NVFlare simulator on local (generated) sites.
+"""``medflare run``: run a job folder through its recipe on NVFlare's ``SimEnv``, on local
+(generated) sites.
+
+The job folder becomes a :class:`medflare.recipes.recipe.MedflareRecipe` run on ``SimEnv``
+(NVFlare 2.9's Job API; the ``nvflare simulator`` command is deprecated) in a child process
+(:mod:`medflare.recipes.simulate`), whose output goes to the log while this process prints the
+rounds as the server records them.
 
 Workspace layout (default ``./workspace``)::
 
     workspace/data/brats/site-N/...          generated BraTS-layout sites, reused when unchanged
-    workspace/runs/<job>/simulator/          NVFlare simulator workspace (server and site folders)
+    workspace/simulation/<job>/              the SimEnv workspace (server/, site-N/, local/); the
+                                             simulator empties it at start, all but local/
     workspace/runs/<job>/simulator.log       everything the simulator printed
     workspace/runs/<job>/<metric>_per_round.png  plot of the global model per round (Dice, or AUC)
     workspace/runs/<job>/summary.txt         the closing table
@@ -17,9 +24,9 @@ without a site policy: the simulator applies none), so a typo in an argument is 
 Sites find their data through ``MEDFLARE_DATA_CONFIG`` set for the simulator process, exactly
 as a real site would through its environment or ``local/medflare_data.json``, and their privacy
 budget through ``MEDFLARE_PRIVACY_BUDGET``: every simulated site gets the research profile's
-budget (``site_configs/research/medflare_privacy_budget.json``). Simulated sites start fresh
-each run (their folders in the simulator workspace are removed first): a simulated site's
-ledger is not a hospital's.
+budget (:func:`medflare.recipes.recipe.prepare_simulation`). Simulated sites start fresh each
+run (their folders in the simulator workspace are removed first): a simulated site's ledger is
+not a hospital's.
 """
 
 from __future__ import annotations
@@ -33,9 +40,6 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
-
-from medflare.data.site_data_config import ENV_VAR
-from medflare.privacy.site_budget import ENV_VAR as BUDGET_ENV_VAR
 
 __all__ = ["RunOptions", "run_job", "JobRunError", "set_num_rounds", "job_data_kind", "DATA_KINDS"]
 
@@ -200,30 +204,13 @@ def _print(message: str) -> None:
     print(message, flush=True)
 
 
-def _fresh_simulated_sites(sim_ws: str) -> None:
-    """Remove the simulated clients' folders of an earlier run (their ledgers among them)."""
-    if os.path.isdir(sim_ws):
-        for entry in os.listdir(sim_ws):
-            if entry.startswith("site-") and os.path.isdir(os.path.join(sim_ws, entry)):
-                shutil.rmtree(os.path.join(sim_ws, entry))
-
-
-def _simulated_site_budget(run_dir: str) -> str:
-    """The research profile's budget file, copied for the simulated sites; its path."""
-    from medflare.sites.site_profiles import BUDGET_FILE, resolve_profile
-
-    profile = resolve_profile("research")
-    path = os.path.join(run_dir, "simulated_" + BUDGET_FILE)
-    shutil.copyfile(os.path.join(profile.folder, BUDGET_FILE), path)
-    return path
-
-
 def run_job(opts: RunOptions, log=_print) -> dict:
     """Prepare sites, run the job in the simulator while printing per-round progress, then
     print the summary and save the plot.
 
     Returns:
-        ``{"records", "global_eval", "run_dir", "server_run_dir", "plot", "wall_seconds"}``.
+        ``{"records", "global_eval", "run_dir", "simulation_dir", "server_run_dir", "plot", "report",
+        "wall_seconds"}``.
 
     Raises:
         JobRunError: bad job folder or options, or the simulator failed.
@@ -231,7 +218,6 @@ def run_job(opts: RunOptions, log=_print) -> dict:
     from medflare.reporting import run_summary
     from medflare.reporting.cross_site_report import SERVER_MODEL_PREFIX, exam_measures, format_report, write_report
     from medflare.reporting.round_metrics_writer import METRICS_FILE_NAME
-    from medflare.sites.class_allow_list import write_simulator_resources
 
     started = time.time()
     job_dir = os.path.abspath(opts.job_dir.rstrip("/"))
@@ -257,22 +243,22 @@ def run_job(opts: RunOptions, log=_print) -> dict:
     _check_before_running(job_dir, log)
 
     env = dict(os.environ)
-    env[ENV_VAR] = _site_data(opts, kind, log)
-    sim_ws = os.path.join(run_dir, "simulator")
-    _fresh_simulated_sites(sim_ws)
-    env[BUDGET_ENV_VAR] = _simulated_site_budget(run_dir)
-    write_simulator_resources(sim_ws)
+    site_data = _site_data(opts, kind, log)
     threads = opts.threads or opts.sites
     if "OMP_NUM_THREADS" not in os.environ:
         # one process per simulated site: share the cores instead of oversubscribing them
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // threads))
-    cmd = [sys.executable, "-m", "nvflare.cli", "simulator", job_dir, "-w", sim_ws, "-n", str(opts.sites), "-t", str(threads)]
+    # SimEnv's workspace is <workspace_root>/<job name>
+    simulation_root = os.path.abspath(os.path.join(opts.workspace, "simulation"))
+    simulation_dir = os.path.join(simulation_root, name)
+    cmd = [sys.executable, "-m", "medflare.recipes.simulate", job_dir, "--workspace-root", simulation_root]
+    cmd += ["-n", str(opts.sites), "-t", str(threads), "--site-data", site_data]
     if opts.gpu:
-        cmd += ["-gpu", opts.gpu]
-    server_run_dir = os.path.join(sim_ws, "server", "simulate_job")
+        cmd += ["--gpu", opts.gpu]
+    server_run_dir = os.path.join(simulation_dir, "server", "simulate_job")
     metrics_path = os.path.join(server_run_dir, METRICS_FILE_NAME)
     log_path = os.path.join(run_dir, "simulator.log")
-    log(f"running {name} on {opts.sites} sites in the NVFlare simulator; log: {log_path}")
+    log(f"running {name} on {opts.sites} sites on NVFlare's SimEnv; log: {log_path}")
     if os.path.exists(metrics_path):
         os.remove(metrics_path)
 
@@ -319,6 +305,7 @@ def run_job(opts: RunOptions, log=_print) -> dict:
         "records": records,
         "global_eval": global_eval,
         "run_dir": run_dir,
+        "simulation_dir": simulation_dir,
         "server_run_dir": server_run_dir,
         "plot": plot,
         "report": report_paths,
