@@ -5,7 +5,7 @@ a job consumes: :meth:`JobDefinition.write` writes the job folder that ``nvflare
 the admin console's ``submit_job`` and ``nvflare simulator`` take, and
 :class:`medflare.recipes.recipe.MedflareJob` hands the same folder to NVFlare's Job API
 environments (``SimEnv``, ``PocEnv``, ``ProdEnv``). The shipped ``jobs/`` folders are written
-by :func:`medflare.recipes.studies.export_shipped_jobs` from the study definitions, and a test
+by :func:`medflare.recipes.shipped_jobs.export_shipped_jobs` from the study definitions, and a test
 regenerates them and compares, so a folder cannot drift from its definition.
 
 Every medflare job has one app, ``app``, deployed to every site and the server (``@ALL``).
