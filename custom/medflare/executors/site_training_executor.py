@@ -40,6 +40,10 @@ training); this class answers the tasks:
   :func:`medflare.privacy.dp_sgd.combined_record`). The ``last_round`` model carries no record:
   it is the global model plus the update already released under DP-SGD.
 
+What the executor must not lose when NVFlare rebuilds the client mid-job (the site-only model,
+the latest local weights, the DP-SGD target's rounds trained) is saved in the job's run folder
+after every train task and read back when it is built again (:mod:`.executor_state`).
+
 It fails closed: where the data is comes from the site (:mod:`medflare.data.site_data_config`),
 never the job, and when the data cannot be found or read, every task fails with an error naming
 the file; a diverged update (non-finite loss or weights) is never sent.
@@ -222,6 +226,7 @@ class SiteTrainingExecutor(Executor):
         self._site_only_started = False
         self._setup_error: Optional[str] = None
         self._local_weights: Optional[dict] = None
+        self._state_path: Optional[str] = None
 
     # what a subclass supplies ------------------------------------------------------------------
 
@@ -301,6 +306,7 @@ class SiteTrainingExecutor(Executor):
                 self._site_only_dp_records = []
                 self._site_only_unprivate = False
             self._target_plan, self._target_rounds_trained = None, 0
+            self._local_weights = None
             self._setup_error = None
             self.log_info(
                 fl_ctx,
@@ -311,6 +317,53 @@ class SiteTrainingExecutor(Executor):
             self._trainer = None
             self._setup_error = f"{site}: cannot load the site's data ({source}): {e}"
             self.log_error(fl_ctx, self._setup_error)
+            return
+        try:
+            self._restore_state(fl_ctx)
+        except Exception as e:  # a site that cannot tell how far it trained trains no further
+            self._trainer = None
+            self._setup_error = f"{site}: {e}"
+            self.log_error(fl_ctx, self._setup_error)
+
+    def _restore_state(self, fl_ctx: FLContext) -> None:
+        """Take back what this executor saved in this job before it was rebuilt, if anything."""
+        from medflare.executors.executor_state import load_state, state_path
+
+        self._state_path = state_path(fl_ctx)
+        state = load_state(self._state_path)
+        if state is None:
+            return
+        self._local_weights = state["local_weights"]
+        self._target_rounds_trained = int(state.get("target_rounds_trained", 0))
+        site_only = state["site_only_weights"]
+        if self._site_only_trainer is not None and site_only is not None:
+            self._site_only_trainer.set_weights(site_only)
+            self._site_only_started = True
+            self._site_only_dp_records = list(state.get("site_only_dp_records", []))
+            self._site_only_unprivate = bool(state.get("site_only_unprivate", False))
+        self.log_info(
+            fl_ctx,
+            f"resumed this job's executor state from {self._state_path} (site-only model: "
+            f"{'yes' if self._site_only_started else 'no'}, target rounds trained: {self._target_rounds_trained})",
+        )
+
+    def _save_state(self) -> None:
+        """Write what a rebuilt executor needs (see :mod:`.executor_state`); nothing outside a FLARE client."""
+        if self._state_path is None:
+            return
+        from medflare.executors.executor_state import save_state
+
+        started = self._site_only_trainer is not None and self._site_only_started
+        save_state(
+            self._state_path,
+            {
+                "local_weights": self._local_weights,
+                "site_only_weights": self._site_only_trainer.get_weights() if started else None,
+                "site_only_dp_records": list(self._site_only_dp_records),
+                "site_only_unprivate": self._site_only_unprivate,
+                "target_rounds_trained": self._target_rounds_trained,
+            },
+        )
 
     # tasks ---------------------------------------------------------------------------------
 
@@ -393,6 +446,7 @@ class SiteTrainingExecutor(Executor):
 
         if self._target_plan is not None:
             self._target_rounds_trained += 1  # counted when begun: an aborted round's steps were taken
+            self._save_state()
         result = self._train_locally(self._trainer, should_abort, dp_sgd)
         if result.aborted:
             self.log_info(fl_ctx, f"round {current_round}: training aborted after {result.steps} steps")
@@ -411,6 +465,7 @@ class SiteTrainingExecutor(Executor):
         self._local_weights = local_weights
         if self._site_only_trainer is not None and not self._train_site_only(global_weights, should_abort, fl_ctx, dp_sgd):
             return make_reply(ReturnCode.TASK_ABORTED)
+        self._save_state()  # before anything is sent: a rebuilt executor resumes from here
 
         meta.update(
             {
