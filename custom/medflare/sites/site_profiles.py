@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -93,17 +92,23 @@ class SiteProfile:
         return self.privacy["default_scope"]
 
 
+def shipped_profiles_folder() -> str:
+    """The profiles medflare ships, inside the installed package (``medflare/site_profiles``,
+    found with ``importlib.resources``: an editable install, a wheel, ``pip install --user`` or a
+    virtual environment alike). A checkout's ``site_configs/<name>`` links to the same folders."""
+    from importlib.resources import files
+
+    return str(files("medflare") / "site_profiles")
+
+
 def profile_search_path() -> list[str]:
-    """Folders searched for named profiles, in order: ``$MEDFLARE_SITE_CONFIGS``, the
-    ``site_configs/`` of the source checkout medflare runs from, and
-    ``<prefix>/share/medflare/site_configs`` of a wheel install."""
+    """Folders searched for named profiles, in order: ``$MEDFLARE_SITE_CONFIGS``, then the
+    profiles shipped in the package (:func:`shipped_profiles_folder`)."""
     folders = []
     env = os.environ.get(PROFILES_ENV_VAR)
     if env:
         folders.append(os.path.abspath(env))
-    here = os.path.dirname(os.path.abspath(__file__))
-    folders.append(os.path.normpath(os.path.join(here, "..", "..", "..", "site_configs")))
-    folders.append(os.path.join(sys.prefix, "share", "medflare", "site_configs"))
+    folders.append(shipped_profiles_folder())
     return folders
 
 

@@ -36,11 +36,12 @@ def _policy(**scope_overrides):
     return {"scopes": [scope], "default_scope": "s"}
 
 
-def test_shipped_profiles_are_found_in_site_configs():
+def test_shipped_profiles_are_found_in_the_package_and_site_configs_links_to_them():
     profiles = available_profiles()
     assert {"research", "clinical"} <= set(profiles)
     for name in ("research", "clinical"):
-        assert profiles[name] == os.path.join(REPO, "site_configs", name)
+        assert profiles[name] == os.path.join(REPO, "custom", "medflare", "site_profiles", name)
+        assert os.path.realpath(os.path.join(REPO, "site_configs", name)) == os.path.realpath(profiles[name])
 
 
 @pytest.mark.parametrize("name", ["research", "clinical"])
@@ -214,19 +215,22 @@ def test_a_profile_that_is_not_json_is_refused(tmp_path):
     assert policy == before
 
 
-def test_every_profile_folder_ships_in_the_wheel():
-    """``setup.cfg`` installs each profile under ``share/medflare/site_configs`` for wheel installs."""
+def test_every_profile_file_ships_in_the_wheel():
+    """``setup.cfg``'s package data covers every profile file (they live in the package)."""
     import configparser
+    import fnmatch
 
     config = configparser.ConfigParser()
     config.read(os.path.join(REPO, "setup.cfg"))
-    shipped = {key.rsplit("/", 1)[-1]: value for key, value in config["options.data_files"].items()}
+    patterns = [p.strip() for p in config["options.package_data"]["medflare"].replace("\n", ",").split(",") if p.strip()]
+    package = os.path.join(REPO, "custom", "medflare")
     folders = sorted(n for n in os.listdir(os.path.join(REPO, "site_configs")) if os.path.isdir(os.path.join(REPO, "site_configs", n)))
-    assert sorted(shipped) == folders
-    for name, files in shipped.items():
-        listed = sorted(f.strip() for f in files.replace("\n", ",").split(",") if f.strip())
-        assert listed == sorted(f"site_configs/{name}/{f}" for f in PROFILE_FILES)
-        assert all(os.path.isfile(os.path.join(REPO, f)) for f in listed)
+    assert folders == ["clinical", "research"]
+    for name in folders:
+        for f in PROFILE_FILES:
+            rel = f"site_profiles/{name}/{f}"
+            assert os.path.isfile(os.path.join(package, rel))
+            assert any(fnmatch.fnmatch(rel, p) for p in patterns), rel
 
 
 @pytest.mark.parametrize("name, cap", [("research", 10.0), ("clinical", 8.0)])
