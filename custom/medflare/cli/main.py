@@ -9,7 +9,9 @@
     medflare site profiles | install --workspace DIR [--profile P --data D] | show --workspace DIR
     medflare report PATH [--metric auc] [--global-model best|final|KEY] [--out DIR]
     medflare audit --workspace SITE_DIR --job JOB_DIR [--scope S | --all-scopes] [--cases N] ...
+    medflare job list | export (NAME ... | --all) --out DIR | simulator-workspace WS [--data T]
     medflare job check JOB_DIR [--profile NAME | --site-workspace DIR]
+    medflare --version
     medflare model decrypt MODEL_PT --key CLIENT_CONTEXT --job JOB_DIR [--out OUT_PT]
 """
 
@@ -30,6 +32,7 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medflare", description="Federated medical imaging on NVIDIA FLARE.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="generate synthetic site data")
@@ -61,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     cxr.add_argument("--seed", type=int, default=0)
     cxr.add_argument("--force", action="store_true", help="regenerate even when matching data exists")
 
-    run = sub.add_parser("run", help="run a job folder in the NVFlare simulator on local sites")
-    run.add_argument("job", help="job folder, e.g. jobs/brats_fedavg")
+    run = sub.add_parser("run", help="run a job through its recipe on NVFlare's SimEnv, on local sites")
+    run.add_argument("job", help="job folder, e.g. jobs/brats_fedavg, or a shipped job's name (medflare job list)")
     run.add_argument("--sites", type=int, default=None, help="number of simulated sites (default: BraTS 3, heart 4, cxr 4)")
     run.add_argument("--rounds", type=int, default=None, help="override the job's num_rounds (runs a patched copy)")
     run.add_argument("--workspace", default="workspace", help="where data, runs and plots go (default ./workspace)")
@@ -90,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_parser(sub)
     add_model_parser(sub)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import medflare
+
+    def of(package):
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"medflare {medflare.__version__} (nvflare {of('nvflare')}, torch {of('torch')}, monai {of('monai')}, opacus {of('opacus')})"
 
 
 def _workspace_arguments(parser: argparse.ArgumentParser) -> None:

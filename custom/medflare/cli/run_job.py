@@ -200,6 +200,21 @@ def is_encrypted_job(job_dir: str) -> bool:
     return any(isinstance(c, dict) and str(c.get("path", "")).endswith("EncryptedSumAggregator") for c in components)
 
 
+def _job_folder(job: str, workspace: str) -> str:
+    """The job folder to run: ``job`` itself, or a shipped job's name exported from its study
+    definition into ``workspace/jobs/`` (so a wheel install runs them without a checkout)."""
+    job_dir = os.path.abspath(job.rstrip("/"))
+    if os.path.isfile(os.path.join(job_dir, "meta.json")):
+        return job_dir
+    from medflare.recipes.shipped_jobs import SHIPPED_JOBS
+
+    if job in SHIPPED_JOBS:
+        return SHIPPED_JOBS[job]().write(os.path.abspath(os.path.join(workspace, "jobs")))
+    raise JobRunError(
+        f"{job} is neither a job folder (no meta.json there) nor a shipped job's name ({', '.join(SHIPPED_JOBS)})"
+    )
+
+
 def _print(message: str) -> None:
     print(message, flush=True)
 
@@ -220,9 +235,7 @@ def run_job(opts: RunOptions, log=_print) -> dict:
     from medflare.reporting.round_metrics_writer import METRICS_FILE_NAME
 
     started = time.time()
-    job_dir = os.path.abspath(opts.job_dir.rstrip("/"))
-    if not os.path.isfile(os.path.join(job_dir, "meta.json")):
-        raise JobRunError(f"{opts.job_dir} is not a job folder (no meta.json)")
+    job_dir = _job_folder(opts.job_dir, opts.workspace)
     kind = job_data_kind(job_dir)
     if opts.sites is None:
         opts = dataclasses.replace(opts, sites=DATA_KINDS[kind]["sites"])

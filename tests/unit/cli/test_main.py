@@ -30,7 +30,54 @@ def test_bad_arguments_exit_2_with_the_reason(tmp_path, capsys):
     assert main(["data", "brats", "--out", str(tmp_path), "--sites", "0"]) == 2
     assert "num_sites must be an int in [1, 64], got 0" in capsys.readouterr().err
     assert main(["run", str(tmp_path)]) == 2
-    assert "is not a job folder (no meta.json)" in capsys.readouterr().err
+    assert "is neither a job folder (no meta.json there) nor a shipped job's name (brats_fedavg" in capsys.readouterr().err
+
+
+def test_version_names_medflare_and_what_it_runs_on(capsys):
+    import medflare
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"medflare {medflare.__version__} (nvflare 2.9") and "opacus" in out
+
+
+def test_job_list_and_export_write_the_shipped_jobs(tmp_path, capsys):
+    assert main(["job", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "brats_percentile: brats_segmentation(privacy='percentile'), min_clients 2" in listed
+    assert "heart_disease_he: heart_disease(privacy='he'), min_clients 4, scope secure_aggregation" in listed
+    assert main(["job", "export", "brats_he", "cxr_emr_dpsgd", "--out", str(tmp_path)]) == 0
+    for name in ("brats_he", "cxr_emr_dpsgd"):
+        for rel in ("meta.json", "app/config/config_fed_server.json", "app/config/config_fed_client.json"):
+            assert (tmp_path / name / rel).read_bytes() == open(os.path.join(REPO, "jobs", name, rel), "rb").read()
+    assert main(["job", "export", "--all", "--out", str(tmp_path / "all")]) == 0
+    assert len(os.listdir(tmp_path / "all")) == len(os.listdir(os.path.join(REPO, "jobs")))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["job", "export", "--out", "x"], "give shipped job names or --all"),
+        (["job", "export", "brats_fedavg", "--all", "--out", "x"], "give shipped job names or --all"),
+        (["job", "export", "brats_fedavgg", "--out", "x"], "unknown job(s) ['brats_fedavgg']; shipped jobs: brats_fedavg"),
+        (["job", "simulator-workspace", "ws", "--data", "/d/site-1/data_config.json"], "must name each site's data config with '{site_name}'"),
+    ],
+)
+def test_job_commands_refuse_bad_arguments(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_simulator_workspace_prepares_the_stock_simulator(tmp_path, capsys):
+    ws = tmp_path / "ws"
+    assert main(["job", "simulator-workspace", str(ws), "--data", str(tmp_path / "{site_name}" / "data_config.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"export MEDFLARE_DATA_CONFIG={tmp_path / '{site_name}' / 'data_config.json'}" in out
+    assert f"export MEDFLARE_PRIVACY_BUDGET={ws / 'local' / 'simulated_medflare_privacy_budget.json'}" in out
+    assert "medflare." in json.loads((ws / "local" / "resources.json").read_text())["class_allow_list"]
 
 
 def test_run_refuses_fewer_sites_than_the_job_needs(tmp_path):
