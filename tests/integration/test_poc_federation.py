@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from medflare.federation.poc_federation import PocFederation
+from medflare.recipes import MedflarePocEnv, MedflareRecipe
 from medflare.wire_contract import DP_SGD
 from tests.integration.job_copies import job_filters, round_records
 from tests.integration.poc_support import (
@@ -137,7 +138,13 @@ def test_the_he_jobs_complete_and_the_server_holds_only_ciphertexts(federation, 
     # one round: the sites' lifetime budget (epsilon 10) has paid for the earlier batches' DP jobs
     copies["heart_disease_he_ddp"] = poc_job("heart_disease_he", str(tmp_path), rounds=1, name="heart_disease_he_ddp", scope="secure_distributed_dp")
     start = time.time()
-    submitted = {job: federation.submit(path) for job, path in copies.items()}
+    submitted = {job: federation.submit(path) for job, path in copies.items() if job != "heart_disease_he"}
+    # the recipe path: the job folder as a MedflareRecipe, submitted through NVFlare's ProdEnv
+    # (MedflarePocEnv over this federation): the same FLARE API session, the same folder
+    env = MedflarePocEnv(federation=federation)
+    run = MedflareRecipe.from_job_folder(copies["heart_disease_he"]).run(env)
+    submitted["heart_disease_he"] = run.get_job_id()
+    assert env.get_job_status(run.get_job_id()) in ("SUBMITTED", "DISPATCHED", "RUNNING", "FINISHED:COMPLETED")
 
     server_kit = os.path.join(federation.workspace("server"), "startup")
     with open(os.path.join(server_kit, "server_context.tenseal"), "rb") as f:

@@ -31,6 +31,9 @@ class MedflarePocEnv(ExecEnv):
         he: provision CKKS keys (NVFlare's ``HEBuilder``) for the secure-aggregation jobs.
         env: extra environment variables for every participant.
         log: where progress lines go.
+        federation: a started :class:`~medflare.federation.poc_federation.PocFederation`
+            (sites already installed) to submit to instead; then ``root``, ``num_clients``,
+            ``site_data``, ``profile`` and ``he`` are not used. :meth:`stop` stops it too.
     """
 
     #: what MedflareRecipe.process_env checks: this environment installs medflare on its sites
@@ -38,32 +41,44 @@ class MedflarePocEnv(ExecEnv):
 
     def __init__(
         self,
-        root: str,
-        num_clients: int,
-        site_data: str,
+        root: Optional[str] = None,
+        num_clients: Optional[int] = None,
+        site_data: Optional[str] = None,
         profile: str = "research",
         he: bool = False,
         env: Optional[dict] = None,
         log: Callable[[str], None] = lambda m: None,
         extra: Optional[dict] = None,
+        federation=None,
     ):
         super().__init__(extra)
         from medflare.federation.poc_federation import PocFederation
 
+        self._prod_env = None
+        self.site_data = site_data
+        self.profile = profile
+        if federation is not None:
+            if not isinstance(federation, PocFederation):
+                raise TypeError(f"federation must be a started PocFederation, got {type(federation).__name__}")
+            self.federation = federation
+            self._prod_env = self._admin_env()
+            return
+        if not isinstance(root, str) or not root:
+            raise ValueError(f"root must be the folder for the federation, got {root!r}")
         if not isinstance(site_data, str) or "{site_name}" not in site_data:
             raise ValueError(f"site_data must name each site's data config with '{{site_name}}', got {site_data!r}")
         if not isinstance(profile, str) or not profile:
             raise ValueError(f"profile must be a site profile name or folder, got {profile!r}")
-        self.site_data = site_data
-        self.profile = profile
         self.federation = PocFederation(root, clients=num_clients, env=env, he=he, log=log)
-        self._prod_env = None
 
-    def _started(self):
+    def _admin_env(self):
         from nvflare.recipe.prod_env import ProdEnv
 
         from medflare.federation.poc_federation import ADMIN_USER
 
+        return ProdEnv(startup_kit_location=self.federation.admin_dir, username=ADMIN_USER, login_timeout=30.0)
+
+    def _started(self):
         if self._prod_env is None:
             fed = self.federation
             fed.prepare()
@@ -71,7 +86,7 @@ class MedflarePocEnv(ExecEnv):
             for site in fed.sites:
                 fed.install_site(site, self.profile, self.site_data.replace("{site_name}", site))
             fed.start()
-            self._prod_env = ProdEnv(startup_kit_location=fed.admin_dir, username=ADMIN_USER, login_timeout=30.0)
+            self._prod_env = self._admin_env()
         return self._prod_env
 
     def deploy(self, job: FedJob) -> str:

@@ -80,12 +80,15 @@ def test_nvflares_poc_env_is_refused_with_what_to_use_instead():
         ({"site_data": "/data/site-1/data_config.json"}, "site_data must name each site's data config with '{site_name}'"),
         ({"site_data": "/d/{site_name}.json", "profile": ""}, "profile must be a site profile name or folder"),
         ({"site_data": "/d/{site_name}.json", "num_clients": 0}, "clients must be an int >= 1"),
+        ({"root": None, "site_data": "/d/{site_name}.json"}, "root must be the folder for the federation"),
     ],
 )
 def test_medflare_poc_env_refuses_bad_arguments(tmp_path, kwargs, message):
     args = {"root": str(tmp_path), "num_clients": 2, **kwargs}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("{", r"\{").replace("}", r"\}")):
         MedflarePocEnv(**args)
+    with pytest.raises(TypeError, match="federation must be a started PocFederation"):
+        MedflarePocEnv(federation=str(tmp_path))
 
 
 @pytest.mark.parametrize(
