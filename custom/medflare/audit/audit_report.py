@@ -56,7 +56,9 @@ def format_table(report: dict) -> str:
 
 
 def _montage(path: str, report: dict, reconstructions: Mapping, truths: Mapping, case_ids: Mapping) -> None:
-    import matplotlib
+    from medflare.optional_dependencies import require
+
+    matplotlib = require("matplotlib", "the audit's montage of reconstructions")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

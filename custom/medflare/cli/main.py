@@ -200,12 +200,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from medflare.cli.model import run_model_command
     from medflare.cli.report import run_report_command
     from medflare.cli.site import run_site_command
+    from medflare.optional_dependencies import MissingDependency
     from medflare.sites.site_install import InstallError
 
     handlers = {"data": _data, "run": _run, "budget": _budget, "site": run_site_command, "report": run_report_command, "audit": run_audit_command, "job": run_job_command, "model": run_model_command}
     try:
         return handlers[args.command](args)
-    except (JobRunError, DataListError, InstallError, AuditError, ValueError) as e:
+    except (JobRunError, DataListError, InstallError, AuditError, MissingDependency, ValueError) as e:
         print(f"medflare {args.command}: error: {e}", file=sys.stderr)
         return 2
 

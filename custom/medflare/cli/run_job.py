@@ -301,10 +301,16 @@ def run_job(opts: RunOptions, log=_print) -> dict:
     with open(os.path.join(run_dir, "summary.txt"), "w") as f:
         f.write(summary + "\n")
     metric = "dice" if run_summary.record_kind(records, global_eval) == "dice" else "auc"
-    plot = run_summary.plot_metrics_per_round(
-        records, global_eval, os.path.join(run_dir, f"{metric}_per_round.png"), title=f"{name}: global model per round"
-    )
-    log(f"plot: {plot}")
+    from medflare.optional_dependencies import MissingDependency
+
+    try:
+        plot = run_summary.plot_metrics_per_round(
+            records, global_eval, os.path.join(run_dir, f"{metric}_per_round.png"), title=f"{name}: global model per round"
+        )
+        log(f"plot: {plot}")
+    except MissingDependency as e:
+        plot = None
+        log(f"no plot: {e}")
     report_paths = {}
     if metric == "auc" and any(not m.startswith(SERVER_MODEL_PREFIX) for models in global_eval.values() for m in models):
         # cross-site evaluation scored the sites' own models too: EXAM's measures
@@ -312,7 +318,7 @@ def run_job(opts: RunOptions, log=_print) -> dict:
         measures = exam_measures(global_eval, metric="auc")
         log(format_report(measures))
         report_paths = write_report(measures, run_dir)
-        log(f"report: {report_paths['md']}, heatmap: {report_paths['png']}")
+        log(f"report: {report_paths['md']}, heatmap: {report_paths.get('png', 'none (needs matplotlib)')}")
     log(f"global models: {os.path.join(server_run_dir, 'app_server')}")
     return {
         "records": records,

@@ -308,6 +308,9 @@ def generate_sites(
     Returns:
         ``{site_name: path of its data_config.json}``.
     """
+    from medflare.optional_dependencies import require
+
+    require("scipy", "generating the BraTS demo sites")
     check_int_in("size", size, 16, 256)
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")

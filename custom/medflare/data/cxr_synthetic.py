@@ -801,6 +801,9 @@ def generate_cxr_sites(
         ValueError: an argument is out of range.
         DataListError: the chest CT is not installed (see :func:`chest_ct_dir`).
     """
+    from medflare.optional_dependencies import require
+
+    require("scipy", "generating the chest X-ray demo sites")
     if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
         raise ValueError(f"out_dir must be a folder path, got {out_dir!r}")
     check_int_in("size", size, 32, 512)

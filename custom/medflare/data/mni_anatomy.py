@@ -49,7 +49,9 @@ def mni_template_dir() -> str:
     """
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("nilearn is not installed; it ships the MNI152 templates: pip install nilearn")
+        from medflare.optional_dependencies import DEMO_EXTRA_HINT, MissingDependency
+
+        raise MissingDependency(f"the BraTS demo sites need nilearn (it ships the MNI152 templates), which is not installed: {DEMO_EXTRA_HINT}")
     folder = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data")
     missing = [name for name in (_T1, _GM, _WM) if not os.path.isfile(os.path.join(folder, name))]
     if missing:

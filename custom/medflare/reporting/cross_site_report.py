@@ -509,7 +509,8 @@ def write_report(measures: ExamMeasures, out_dir: str) -> dict[str, str]:
     ``cross_site_<metric>.png`` into ``out_dir`` (created if needed).
 
     Returns:
-        ``{"md": path, "json": path, "csv": path, "png": path}``.
+        ``{"md": path, "json": path, "csv": path, "png": path}`` (no ``"png"`` without matplotlib,
+        :mod:`medflare.optional_dependencies`).
     """
     os.makedirs(out_dir, exist_ok=True)
     safe_metric = re.sub(r"[^A-Za-z0-9_.-]", "_", measures.metric)
@@ -530,5 +531,10 @@ def write_report(measures: ExamMeasures, out_dir: str) -> dict[str, str]:
         for s in measures.per_site + (measures.means,):
             values = (s.local_own, s.global_own, s.local_generalizability, s.global_generalizability)
             writer.writerow([s.site, *(f"{v:.6g}" if math.isfinite(v) else "" for v in values)])
-    _plot_heatmap(measures, paths["png"])
+    from medflare.optional_dependencies import available
+
+    if available("matplotlib"):
+        _plot_heatmap(measures, paths["png"])
+    else:  # the tables are the report; the figure needs the demo extra
+        del paths["png"]
     return paths

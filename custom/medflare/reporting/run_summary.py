@@ -139,8 +139,14 @@ def final_global_metrics(global_eval: dict, model_name: str = "SRV_FL_global_mod
 
 def plot_metrics_per_round(records: list[dict], global_eval: dict, path: str, title: str = "") -> str:
     """Save a PNG of the global model's Dice (mean and per region) or AUC and accuracy per
-    round, with the final evaluation of the last global model as the last point."""
-    import matplotlib
+    round, with the final evaluation of the last global model as the last point.
+
+    Raises:
+        MissingDependency: matplotlib is not installed (the ``demo`` extra).
+    """
+    from medflare.optional_dependencies import require
+
+    matplotlib = require("matplotlib", "the per-round plot")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
