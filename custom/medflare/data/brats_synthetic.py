@@ -259,7 +259,9 @@ def write_site(
     suffix = profile.name.rsplit("-", 1)[-1]
     site_index = int(suffix) if suffix.isdigit() else 0
     subjects = []
-    for case in range(profile.num_cases):
+    from medflare.reporting.progress import progress
+
+    for case in progress(range(profile.num_cases), desc=f"{profile.name}: subjects"):
         subject_id = f"MedflareSyn_{profile.name}_{case:03d}"
         subject_dir = os.path.join(site_dir, subject_id)
         os.makedirs(subject_dir, exist_ok=True)

@@ -742,7 +742,9 @@ def write_cxr_site(out_dir: str, profile: CxrSiteProfile, size: int = 64, seed: 
             os.remove(os.path.join(image_dir, name))
     extension = ".dcm" if profile.file_format == "dicom" else ".png"
     cases, images = [], []
-    for index in range(profile.num_cases):
+    from medflare.reporting.progress import progress
+
+    for index in progress(range(profile.num_cases), desc=f"{profile.name}: chest X-rays"):
         case = generate_case(ct, profile, index, size, seed)
         image = f"images/{case.case_id}{extension}"
         path = os.path.join(site_dir, *image.split("/"))
