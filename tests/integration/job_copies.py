@@ -113,3 +113,16 @@ def round_records(result_dir: str) -> list[dict]:
     path = os.path.join(result_dir, "workspace", "medflare_metrics.jsonl")
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def tensorboard_series(tb_dir: str) -> dict:
+    """``{origin: {tag: [(step, value), ...]}}`` of the TensorBoard event files under ``tb_dir``
+    (one folder per origin, as NVFlare's ``TBAnalyticsReceiver`` writes them)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series = {}
+    for origin in sorted(os.listdir(tb_dir)):
+        events = EventAccumulator(os.path.join(tb_dir, origin))
+        events.Reload()
+        series[origin] = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return series

@@ -14,7 +14,7 @@ import torch
 
 from medflare.cli.run_job import RunOptions, run_job
 from medflare.training.model_spec import build_model
-from tests.integration.job_copies import load_json, save_json, small_job
+from tests.integration.job_copies import load_json, save_json, small_job, tensorboard_series
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +84,15 @@ def test_gaussian_dp_job_reports_epsilon_per_round(tmp_path):
     job, _ = _small_job(tmp_path, "brats_gaussian_dp")
     args = _client_filter(job)["args"]
     z = noise_multiplier_for(args["target_epsilon"], args["target_delta"], args["num_rounds"], args["accountant"])
-    result = run_job(RunOptions(job_dir=job, sites=2, rounds=2, workspace=str(tmp_path / "ws"), cases=5, size=32, seed=1), log=lambda m: None)
+    options = RunOptions(job_dir=job, sites=2, rounds=2, workspace=str(tmp_path / "ws"), cases=5, size=32, seed=1, tracking="tensorboard")
+    result = run_job(options, log=lambda m: None)
+    # TensorBoard through NVFlare's receiver holds what the sites released and nothing more:
+    # epsilon and the update's size per site; no loss, no scores (withheld under DP)
+    series = tensorboard_series(os.path.join(result["server_run_dir"], "tb_events"))
+    for site in ("site-1", "site-2"):
+        assert set(series[site]) == {"medflare_gaussian_dp/epsilon_run", "medflare_gaussian_dp/epsilon_site", "update_bytes"}, series[site]
+        assert [step for step, _ in series[site]["medflare_gaussian_dp/epsilon_run"]] == [0, 1]
+    assert series["server"]["accepted_sites"] == [(0, 2.0), (1, 2.0)]
     for record in result["records"]:
         for site, report in record["sites"].items():
             assert report["filter_history"] == ["GaussianPrivacyFilter"], site

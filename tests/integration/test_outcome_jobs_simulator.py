@@ -13,7 +13,7 @@ import os
 import pytest
 
 from medflare.cli.run_job import RunOptions, run_job
-from tests.integration.job_copies import small_job
+from tests.integration.job_copies import small_job, tensorboard_series
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +51,13 @@ def test_heart_disease_job_runs_on_the_four_hospitals_with_cross_site_evaluation
     # the FedYogi variant (server-side adaptive optimisation over the same executor); plain FedAvg
     # runs in the POC federation (test_poc_federation.py), DP-SGD in the benchmark's quick pass
     job = small_job("heart_disease_fedyogi", str(tmp_path), rounds=2)
-    result = run_job(RunOptions(job_dir=job, workspace=str(tmp_path / "ws")), log=lambda m: None)
+    result = run_job(RunOptions(job_dir=job, workspace=str(tmp_path / "ws"), tracking="tensorboard"), log=lambda m: None)
+    # no site filter in the simulator: each site's loss and scores were released, so TensorBoard has them
+    series = tensorboard_series(os.path.join(result["server_run_dir"], "tb_events"))
+    for site in HOSPITALS:
+        assert {"train_loss", "validation/auc", "validation/accuracy", "update_bytes"} <= set(series[site]), series[site]
+        assert [step for step, _ in series[site]["train_loss"]] == [0, 1]
+    assert [step for step, _ in series["server"]["global/auc"]] == [0, 1]
 
     records = result["records"]
     assert [r["round"] for r in records] == [0, 1]

@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed of the generated data")
     run.add_argument("--threads", type=int, default=None, help="sites run in parallel (default: all)")
     run.add_argument("--gpu", default=None, help="GPU ids for the simulator, e.g. 0 or 0,1")
+    run.add_argument(
+        "--tracking", choices=["tensorboard", "mlflow"], default=None,
+        help="experiment tracking of what the sites released, through NVFlare's receivers (tb_events/<site>/)",
+    )
     budget = sub.add_parser("budget", help="a site's differential-privacy budget")
     budget_sub = budget.add_subparsers(dest="action", required=True)
     show = budget_sub.add_parser("show", help="print the site's budget, the epsilon spent per job and any tamper events")
@@ -184,6 +188,7 @@ def _run(args) -> int:
             seed=args.seed,
             threads=args.threads,
             gpu=args.gpu,
+            tracking=args.tracking,
         )
     )
     return 0

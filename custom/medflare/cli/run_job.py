@@ -60,6 +60,7 @@ class RunOptions:
     seed: int = 0
     threads: Optional[int] = None
     gpu: Optional[str] = None
+    tracking: Optional[str] = None  # "tensorboard" | "mlflow": NVFlare's receiver on the server
 
 
 def _server_config_path(job_dir: str) -> str:
@@ -200,6 +201,18 @@ def is_encrypted_job(job_dir: str) -> bool:
     return any(isinstance(c, dict) and str(c.get("path", "")).endswith("EncryptedSumAggregator") for c in components)
 
 
+def _with_tracking(job_dir: str, tracking: str, run_dir: str) -> str:
+    """A copy of the job with ``tracking`` experiment tracking (:mod:`medflare.recipes.tracking`)."""
+    from medflare.recipes.job_definition import JobDefinition, JobDefinitionError
+    from medflare.recipes.tracking import with_tracking
+
+    try:
+        definition = with_tracking(JobDefinition.from_folder(job_dir), tracking)
+    except JobDefinitionError as e:
+        raise JobRunError(f"--tracking {tracking}: {e}") from None
+    return definition.write(os.path.join(run_dir, "tracked"))
+
+
 def _job_folder(job: str, workspace: str) -> str:
     """The job folder to run: ``job`` itself, or a shipped job's name exported from its study
     definition into ``workspace/jobs/`` (so a wheel install runs them without a checkout)."""
@@ -252,6 +265,8 @@ def run_job(opts: RunOptions, log=_print) -> dict:
         if isinstance(opts.rounds, bool) or not isinstance(opts.rounds, int) or opts.rounds < 1:
             raise JobRunError(f"--rounds must be a positive int, got {opts.rounds!r}")
         job_dir = _with_rounds(job_dir, opts.rounds, run_dir)
+    if opts.tracking is not None:
+        job_dir = _with_tracking(job_dir, opts.tracking, run_dir)
 
     _check_before_running(job_dir, log)
 
@@ -320,6 +335,9 @@ def run_job(opts: RunOptions, log=_print) -> dict:
         report_paths = write_report(measures, run_dir)
         log(f"report: {report_paths['md']}, heatmap: {report_paths.get('png', 'none (needs matplotlib)')}")
     log(f"global models: {os.path.join(server_run_dir, 'app_server')}")
+    tracking_dir = os.path.join(server_run_dir, "tb_events")
+    if os.path.isdir(tracking_dir):
+        log(f"TensorBoard: tensorboard --logdir {tracking_dir}")
     return {
         "records": records,
         "global_eval": global_eval,

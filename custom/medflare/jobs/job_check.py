@@ -328,6 +328,10 @@ def check_job(job_dir: str, profile: Optional[str] = None, site_workspace: Optio
         if isinstance(value, int) and not isinstance(value, bool):
             rounds = value
     _check_clients(meta, server, check)
+    if server is not None:
+        from medflare.recipes.tracking import tracking_problems
+
+        check.problems.extend(tracking_problems(server))
     site = _site_policy(profile, site_workspace, check)
     if site is not None and client is not None:
         _check_secure_aggregation(meta, client, server, site, site_workspace, check)

@@ -166,6 +166,16 @@ class MedflareRecipe(Recipe):
         self.definition = definition
         self.site_data = site_data
 
+    def add_experiment_tracking(self, tracking_type: str, tracking_config: Optional[dict] = None) -> None:
+        """NVFlare's ``add_experiment_tracking`` for a medflare job: the ``tracking_type``
+        ("tensorboard" or "mlflow") receiver on the server, fed per site with what the sites
+        released (:mod:`medflare.recipes.tracking`); TensorBoard writes ``tb_events/<site>/`` in
+        the server's run folder."""
+        from medflare.recipes.tracking import with_tracking
+
+        self.definition = with_tracking(self.definition, tracking_type, tracking_config)
+        self._job.definition = self.definition
+
     @classmethod
     def from_job_folder(cls, job_dir: str, site_data: Optional[str] = None) -> "MedflareRecipe":
         """The recipe of a job folder (a shipped one or an exported one)."""

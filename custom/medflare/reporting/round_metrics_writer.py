@@ -10,6 +10,10 @@ simulator and in a real federation alike; the file travels with the job's downlo
 The metrics (Dice, or AUC and accuracy) reported for round ``r`` are those of the global model
 the sites received at the start of round ``r`` (after ``r`` aggregations), averaged over sites
 weighted by their number of validation cases.
+
+With ``stream_to_tracking`` each round's record also goes to NVFlare's experiment tracking
+(TensorBoard, MLflow receivers in the server app) as per-site and server series
+(:mod:`medflare.reporting.tracking_stream`): only what the sites released, nothing more.
 """
 
 from __future__ import annotations
@@ -72,13 +76,18 @@ class RoundMetricsWriter(FLComponent):
 
     Args:
         file_name: name of the JSON-lines file in the run directory.
+        stream_to_tracking: also fire each round's record as NVFlare analytics events, for the
+            tracking receivers (``TBAnalyticsReceiver``, ``MLflowReceiver``) in the server app.
     """
 
-    def __init__(self, file_name: str = METRICS_FILE_NAME):
+    def __init__(self, file_name: str = METRICS_FILE_NAME, stream_to_tracking: bool = False):
         super().__init__()
         if not isinstance(file_name, str) or not file_name or os.sep in file_name:
             raise ValueError(f"file_name must be a plain file name, got {file_name!r}")
+        if not isinstance(stream_to_tracking, bool):
+            raise TypeError(f"stream_to_tracking must be true or false, got {stream_to_tracking!r}")
         self.file_name = file_name
+        self.stream_to_tracking = stream_to_tracking
         self._path = None
         self._round = None
         self._round_start = None
@@ -124,6 +133,7 @@ class RoundMetricsWriter(FLComponent):
             "train_seconds": dxo.get_meta_prop(TRAIN_SECONDS),
             "validate_seconds": dxo.get_meta_prop(VALIDATE_SECONDS),
             "global_model_metrics": metrics if isinstance(metrics, dict) else {},
+            "update_bytes": payload_bytes(dxo.data),
         }
 
     def _record_aggregation(self, fl_ctx: FLContext) -> None:
@@ -153,6 +163,28 @@ class RoundMetricsWriter(FLComponent):
                 f.write(json.dumps(_nan_to_none(record), allow_nan=False, default=str) + "\n")
         except (OSError, ValueError) as e:
             self.log_error(fl_ctx, f"cannot write round metrics to {self._path}: {e}")
+        if self.stream_to_tracking:
+            from medflare.reporting.tracking_stream import stream_points, tracking_points
+
+            try:
+                stream_points(fl_ctx.get_engine(), tracking_points(record))
+            except Exception as e:  # tracking is a view of the record: it never stops the job
+                self.log_error(fl_ctx, f"cannot stream round {self._round} to experiment tracking: {e}")
+
+
+def payload_bytes(data) -> int:
+    """Bytes of an update as received: its arrays' and ciphertexts' sizes (a sparse entry: its
+    values and positions)."""
+    total = 0
+    for value in (data.values() if isinstance(data, dict) else ()):
+        if isinstance(value, (bytes, bytearray)):
+            total += len(value)
+        elif hasattr(value, "nbytes"):
+            total += int(value.nbytes)
+        else:  # a SparseTensor: its values and its indices or bitmask
+            for part in ("values", "indices", "bitmask"):
+                total += int(getattr(getattr(value, part, None), "nbytes", 0) or 0)
+    return total
 
 
 def _nan_to_none(value):

@@ -139,7 +139,9 @@ def final_global_metrics(global_eval: dict, model_name: str = "SRV_FL_global_mod
 
 def plot_metrics_per_round(records: list[dict], global_eval: dict, path: str, title: str = "") -> str:
     """Save a PNG of the global model's Dice (mean and per region) or AUC and accuracy per
-    round, with the final evaluation of the last global model as the last point.
+    round, with the final evaluation of the last global model as the last point; beside it, the
+    same global model's main metric at each site (the site's own validation data), one thin line
+    per site.
 
     Raises:
         MissingDependency: matplotlib is not installed (the ``demo`` extra).
@@ -156,7 +158,7 @@ def plot_metrics_per_round(records: list[dict], global_eval: dict, path: str, ti
         "dice": (("dice_mean", "mean", "-o"), ("dice_tc", "tumour core", "--"), ("dice_wt", "whole tumour", "--"), ("dice_et", "enhancing tumour", "--")),
         "outcome": (("auc", "AUC", "-o"), ("accuracy", "accuracy", "--s")),
     }[kind]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, per_site) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     rounds = [r["round"] for r in records]
     final = final_global_metrics(global_eval)
     for key, label, style in styles:
@@ -173,6 +175,17 @@ def plot_metrics_per_round(records: list[dict], global_eval: dict, path: str, ti
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")
     ax.set_title(title or "Global model per round")
+    main_key, main_label, _ = styles[0]
+    sites = sorted({s for r in records for s in (r.get("sites") or {})})
+    for site in sites:
+        ys = [((r.get("sites") or {}).get(site) or {}).get("global_model_metrics", {}).get(main_key) for r in records]
+        per_site.plot(rounds, [math.nan if y is None else y for y in ys], "-", lw=1, marker=".", label=site)
+    global_ys = [r.get("global_model_metrics", {}).get(main_key) for r in records]
+    per_site.plot(rounds, [math.nan if y is None else y for y in global_ys], "k-o", lw=2, label=f"all sites ({main_label})")
+    per_site.set_xlabel("round")
+    per_site.set_title(f"{main_label} of the global model at each site")
+    per_site.grid(alpha=0.3)
+    per_site.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
