@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from medflare.training.model_spec import DEFAULT_SEGRESNET
 from medflare.recipes import app_parts as parts
 from medflare.recipes.job_definition import JobDefinition
 from medflare.recipes.study_options import check_choice, check_int, check_optional_int, check_real
@@ -26,16 +27,8 @@ PRIVACY = ("none", "percentile", "gaussian", "dpsgd", "he")
 _SEGRESNET = "medflare.training.seeded_networks.SeededSegResNet"
 #: the DP-SGD-compatible variant (same state dict as SeededSegResNet)
 _DP_SEGRESNET = "medflare.training.seeded_networks.SeededDPSegResNet"
-_NETWORK_ARGS = {
-    "spatial_dims": 3,
-    "in_channels": 4,
-    "out_channels": 3,
-    "init_filters": 8,
-    "blocks_down": [1, 2, 2, 4],
-    "blocks_up": [1, 1, 1],
-    "dropout_prob": 0.0,
-    "seed": 0,
-}
+#: medflare's CPU-sized SegResNet, seeded
+_NETWORK_ARGS = {**DEFAULT_SEGRESNET["args"], "seed": 0}
 _KEY_METRIC = "dice_mean"
 #: 100x the demo's largest NUM_STEPS (4 epochs x ceil(12 cases / batch 2) = 24)
 _MAX_WEIGHT = 2400

@@ -139,13 +139,10 @@ class JobDefinition:
 
 
 def _read(path: str) -> dict:
+    from medflare.data.brats_layout import read_json_object
+    from medflare.data.data_errors import DataListError
+
     try:
-        with open(path) as f:
-            value = json.load(f)
-    except FileNotFoundError:
-        raise JobDefinitionError(f"not found: {path}") from None
-    except (OSError, ValueError) as e:
-        raise JobDefinitionError(f"not readable as JSON: {path}: {e}") from None
-    if not isinstance(value, dict):
-        raise JobDefinitionError(f"{path}: must hold a JSON object, got {type(value).__name__}")
-    return value
+        return read_json_object(path, "job file")
+    except DataListError as e:
+        raise JobDefinitionError(str(e)) from None

@@ -47,8 +47,9 @@ def test_a_job_folder_read_back_is_its_definition(name):
 
 
 def test_on_simenv_the_workspace_gets_medflares_allow_list_budget_and_data(tmp_path, monkeypatch):
-    monkeypatch.delenv(DATA_ENV_VAR, raising=False)
-    monkeypatch.delenv(BUDGET_ENV_VAR, raising=False)
+    for var in (DATA_ENV_VAR, BUDGET_ENV_VAR):  # recorded, so what process_env sets is undone afterwards
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     workspace = tmp_path / "sim" / "brats_dpsgd"
     (workspace / "site-1" / "local").mkdir(parents=True)  # a previous run's simulated site and ledger
     recipe = BratsSegmentationRecipe("brats_dpsgd", privacy="dpsgd", site_data=str(tmp_path / "{site_name}" / "data_config.json"))
@@ -94,11 +95,11 @@ def test_medflare_poc_env_refuses_bad_arguments(tmp_path, kwargs, message):
 @pytest.mark.parametrize(
     "write, message",
     [
-        (lambda d: None, "not found: .*meta.json"),
-        (lambda d: (d / "meta.json").write_text("{"), "not readable as JSON: .*meta.json"),
-        (lambda d: (d / "meta.json").write_text("[]"), "meta.json: must hold a JSON object"),
+        (lambda d: None, "job file not found: .*meta.json"),
+        (lambda d: (d / "meta.json").write_text("{"), "job file .*meta.json is not readable JSON"),
+        (lambda d: (d / "meta.json").write_text("[]"), "meta.json must hold a JSON object"),
         (lambda d: (d / "meta.json").write_text('{"name": "x", "deploy_map": {"a": ["server"], "b": ["site-1"]}}'), "deploy_map must be"),
-        (lambda d: (d / "meta.json").write_text('{"name": "x", "deploy_map": {"app": ["@ALL"]}}'), "not found: .*config_fed_server.json"),
+        (lambda d: (d / "meta.json").write_text('{"name": "x", "deploy_map": {"app": ["@ALL"]}}'), "job file not found: .*config_fed_server.json"),
     ],
 )
 def test_a_bad_job_folder_is_refused_naming_the_file(tmp_path, write, message):
