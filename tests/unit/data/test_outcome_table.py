@@ -237,7 +237,7 @@ def test_a_16_bit_png_keeps_its_full_depth(tmp_path):
     array[7, 2] = 65535
     path = write_png(tmp_path / "x16.png", array)
     with Image.open(path) as written:
-        assert written.mode == "I;16"
+        assert written.mode in ("I;16", "I")  # Pillow < 10.3 opens a 16-bit PNG as 32-bit "I": both keep the depth
     image = read_xray(path)
     assert_unit_range(image, (10, 16))
     assert np.unravel_index(image.argmax(), image.shape) == (7, 2)
