@@ -190,15 +190,12 @@ def _check_before_running(job_dir: str, log) -> None:
 
 def is_encrypted_job(job_dir: str) -> bool:
     """Whether the job's server aggregates ciphertexts (medflare's ``EncryptedSumAggregator``)."""
-    import json
+    from medflare.recipes.recipe import aggregates_ciphertexts
 
-    path = os.path.join(job_dir, "app", "config", "config_fed_server.json")
     try:
-        with open(path) as f:
-            components = json.load(f).get("components", [])
-    except (OSError, ValueError):
+        return aggregates_ciphertexts(_read_json(os.path.join(job_dir, "app", "config", "config_fed_server.json")))
+    except JobRunError:
         return False
-    return any(isinstance(c, dict) and str(c.get("path", "")).endswith("EncryptedSumAggregator") for c in components)
 
 
 def _with_tracking(job_dir: str, tracking: str, run_dir: str) -> str:

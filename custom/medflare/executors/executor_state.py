@@ -93,6 +93,28 @@ def load_state(path: Optional[str]) -> Optional[dict]:
     if not isinstance(payload, dict) or payload.get("version") != STATE_VERSION:
         found = payload.get("version") if isinstance(payload, dict) else type(payload).__name__
         raise ExecutorStateError(f"{path}: not medflare executor state version {STATE_VERSION} (found {found!r})")
+    problem = _shape_problem(payload)
+    if problem:
+        raise ExecutorStateError(f"{path}: {problem}; this site trains no further in this job")
     for key in ("local_weights", "site_only_weights"):
         payload[key] = _arrays(payload.get(key))
     return payload
+
+
+def _shape_problem(payload: dict) -> Optional[str]:
+    """What in a loaded state is not what :func:`save_state` writes, or None."""
+    for key in ("local_weights", "site_only_weights"):
+        weights = payload.get(key)
+        if weights is not None and (
+            not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items())
+        ):
+            return f"{key} is not a mapping of names to tensors"
+    rounds = payload.get("target_rounds_trained", 0)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        return f"target_rounds_trained must be an int >= 0, got {rounds!r}"
+    if not isinstance(payload.get("site_only_unprivate", False), bool):
+        return f"site_only_unprivate must be true or false, got {payload.get('site_only_unprivate')!r}"
+    records = payload.get("site_only_dp_records", [])
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        return "site_only_dp_records must be a list of DP-SGD records"
+    return None

@@ -32,8 +32,9 @@ class JobDefinitionError(ValueError):
 
 
 def dump_json(obj) -> str:
-    """The one JSON layout of exported job files: two-space indent, a closing newline."""
-    return json.dumps(obj, indent=2) + "\n"
+    """The one JSON layout of exported job files: two-space indent, a closing newline; NaN and
+    infinity are refused (they are not JSON)."""
+    return json.dumps(obj, indent=2, allow_nan=False) + "\n"
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,11 @@ class JobDefinition:
                 raise JobDefinitionError(f"{which} must be an app config dict with format_version 2, got {config!r:.80}")
         if self.scope is not None and (not isinstance(self.scope, str) or not _NAME.match(self.scope)):
             raise JobDefinitionError(f"scope must be a privacy scope name or None, got {self.scope!r}")
+        for which in ("server", "client"):
+            try:
+                dump_json(getattr(self, which))
+            except (TypeError, ValueError) as e:
+                raise JobDefinitionError(f"job {self.name}: the {which} config is not JSON ({e})") from None
 
     @property
     def meta(self) -> dict:

@@ -41,7 +41,7 @@ from nvflare.recipe.spec import ExecEnv, Recipe
 
 from medflare.recipes.job_definition import JobDefinition
 
-__all__ = ["MedflareJob", "MedflareRecipe", "RecipeEnvError", "prepare_simulation", "uses_site_scope"]
+__all__ = ["MedflareJob", "MedflareRecipe", "RecipeEnvError", "aggregates_ciphertexts", "prepare_simulation", "uses_site_scope"]
 
 
 class RecipeEnvError(RuntimeError):
@@ -94,15 +94,19 @@ class MedflareJob(FedJob):
             return subprocess.call(command)
 
 
+def aggregates_ciphertexts(server_config: dict) -> bool:
+    """Whether a server app config aggregates CKKS ciphertexts (medflare's ``EncryptedSumAggregator``)."""
+    components = server_config.get("components", []) if isinstance(server_config, dict) else []
+    return any(
+        isinstance(c, dict) and str(c.get("path", "")).endswith("EncryptedSumAggregator")
+        for c in (components if isinstance(components, list) else [])
+    )
+
+
 def uses_site_scope(definition: JobDefinition) -> bool:
     """Whether the job needs a site privacy scope to do what it says (a job asking for a scope;
     CKKS secure aggregation, whose encryption is the scope's last filter)."""
-    if definition.scope:
-        return True
-    return any(
-        isinstance(c, dict) and str(c.get("path", "")).endswith("EncryptedSumAggregator")
-        for c in definition.server.get("components", [])
-    )
+    return bool(definition.scope) or aggregates_ciphertexts(definition.server)
 
 
 def prepare_simulation(workspace: str, site_data: Optional[str], budget_from: str = "research") -> dict:
@@ -125,6 +129,8 @@ def prepare_simulation(workspace: str, site_data: Optional[str], budget_from: st
     from medflare.sites.class_allow_list import write_simulator_resources
     from medflare.sites.site_profiles import BUDGET_FILE, resolve_profile
 
+    if os.path.exists(workspace) and not os.path.isdir(workspace):
+        raise ValueError(f"the simulation workspace {workspace} is a file, not a folder")
     os.makedirs(workspace, exist_ok=True)
     for entry in os.listdir(workspace):
         if entry.startswith("site-") and os.path.isdir(os.path.join(workspace, entry)):

@@ -87,14 +87,14 @@ def stream_points(engine, points: list[TrackingPoint]) -> None:
     from nvflare.apis.fl_constant import EventScope, FedEventHeader, FLContextKey, ReservedKey
     from nvflare.apis.utils.analytix_utils import create_analytic_dxo
 
-    for point in points:
-        dxo = create_analytic_dxo(
-            tag=point.tag, value=point.value, data_type=AnalyticsDataType.SCALAR, global_step=point.step
-        )
-        shareable = dxo.to_shareable()
-        shareable.set_peer_props({ReservedKey.IDENTITY_NAME: point.origin})
-        shareable.set_header(FedEventHeader.DIRECTION, "in")
-        with engine.new_context() as ctx:
+    with engine.new_context() as ctx:
+        for point in points:
+            dxo = create_analytic_dxo(
+                tag=point.tag, value=point.value, data_type=AnalyticsDataType.SCALAR, global_step=point.step
+            )
+            shareable = dxo.to_shareable()
+            shareable.set_peer_props({ReservedKey.IDENTITY_NAME: point.origin})
+            shareable.set_header(FedEventHeader.DIRECTION, "in")
             ctx.set_prop(FLContextKey.EVENT_DATA, shareable, private=True, sticky=False)
             ctx.set_prop(FLContextKey.EVENT_SCOPE, EventScope.FEDERATION, private=True, sticky=False)
             engine.fire_event(f"fed.{ANALYTIC_EVENT_TYPE}", ctx)

@@ -29,7 +29,9 @@ def _site_model(site, params, steps=10, round_number=0, kind=ParamsType.DIFF):
     meta = {"client_name": site}
     if steps is not None:
         meta["NUM_STEPS_CURRENT_ROUND"] = steps
-    return FLModel(params_type=kind, params=params, meta=meta, current_round=round_number)
+    model = FLModel(params_type=kind, params={"placeholder": 0}, meta=meta, current_round=round_number)
+    model.params = params  # what a hostile site can make arrive, past FLModel's own checks
+    return model
 
 
 def _update(value):
@@ -97,3 +99,22 @@ def test_the_controllers_context_is_kept_from_its_events(event):
     assert agg.fl_ctx is ctx
     agg.handle_event(AppEventType.BEFORE_AGGREGATION, FLContext())
     assert agg.fl_ctx is ctx
+
+
+@pytest.mark.parametrize(
+    "params, reason",
+    [
+        ({k: np.ones(v.shape, np.int64) for k, v in GLOBAL.items()}, "has dtype int64, the model has float32"),
+        ({k: np.ones(v.shape, np.complex64) for k, v in GLOBAL.items()}, "has dtype complex64"),
+        ({k: np.array([object()] * v.size, dtype=object).reshape(v.shape) for k, v in GLOBAL.items()}, "has dtype object"),
+        ({k: "x" for k in GLOBAL}, "is str, not a numpy array"),
+        ({**_update(1.0), "extra": np.zeros(2, np.float32)}, "unexpected keys ['extra']"),
+        ([1, 2], "not a readable FLModel"),
+    ],
+)
+def test_hostile_fl_models_are_refused_whole_and_named(params, reason):
+    agg = _started()
+    assert not agg.accept_model(_site_model("site-1", params))
+    (name, why), = agg._rejected.items()
+    assert name == "site-1" and reason in why
+    assert agg.aggregate_model().meta[AGGREGATION_META_KEY]["accepted"] == []

