@@ -1,7 +1,8 @@
 """A site's outcome data: a CSV of clinical values and labels, with a chest X-ray per case if used.
 
 This is the form a hospital's own data takes for the outcome executor, and what
-``medflare data heart`` and ``medflare data cxr`` write::
+``medflare data heart`` and ``medflare data cxr`` write (CheXpert and MIMIC-CXR-JPG tables are
+read by :mod:`medflare.data.chest_xray_tables` into the same cases)::
 
     case_id,split,image,age,spo2,...,o2_24h,o2_72h
     s1-0001,train,images/s1-0001.png,71,88.0,...,1,1
@@ -9,9 +10,11 @@ This is the form a hospital's own data takes for the outcome executor, and what
 
 * ``case_id``: unique per row; ``split``: ``train`` or ``test``.
 * image column (named by the job, absent for table-only models): a path relative to the site's
-  ``data_root``, to a greyscale PNG (8 or 16 bit) or a DICOM file. DICOM pixel values go
-  through the modality LUT (``RescaleSlope`` / ``RescaleIntercept``) and ``MONOCHROME1`` is
-  inverted, so bone is bright in both photometric interpretations.
+  ``data_root``, to a greyscale PNG (8 or 16 bit), a JPEG, a DICOM file or a folder holding one
+  DICOM series. DICOM pixel values go through the modality LUT (``RescaleSlope`` /
+  ``RescaleIntercept``), the VOI LUT (window or LUT sequence), and ``MONOCHROME1`` is
+  inverted, so bone is bright in both photometric interpretations
+  (:mod:`medflare.data.dicom_radiograph`, which also gives the rule for multi-frame files).
 * clinical columns (named by the job): numbers. An empty cell is an error naming the case and
   the column: imputing is a clinical decision the site makes when it prepares the table.
 * label columns (named by the job): 0 or 1 each (one column: binary; several: multi-label).
@@ -35,20 +38,31 @@ import numpy as np
 from medflare.data.data_errors import DataListError
 from medflare.data.data_root_paths import path_in_data_root
 
-__all__ = ["OutcomeCase", "SPLITS", "check_columns", "check_outcome_table", "count_cases", "load_outcome_table", "read_xray"]
+__all__ = ["IGNORE_LABEL", "OutcomeCase", "SPLITS", "check_columns", "check_outcome_table", "count_cases", "load_outcome_table", "read_xray"]
 
 SPLITS = ("train", "test")
+
+#: a label value meaning "leave this label of this case out of the loss and the metrics"
+IGNORE_LABEL = -1
 
 
 @dataclass(frozen=True)
 class OutcomeCase:
-    """One row of the table: clinical values and labels as read, the image as an absolute path."""
+    """One row of the table: clinical values and labels as read, the image as an absolute path.
+
+    ``labels`` holds 0 or 1 per label, or :data:`IGNORE_LABEL` (-1) where the label is to be
+    left out of the loss and the metrics (an uncertain or unmentioned CheXpert observation under
+    the ``ignore`` policy, :mod:`medflare.data.chest_xray_tables`); medflare's own tables never
+    hold it. ``patient_id`` is None when one case is one patient (medflare's own tables), else the
+    patient the image belongs to (CheXpert, MIMIC-CXR: several images per patient).
+    """
 
     case_id: str
     split: str
     image: Optional[str]
     clinical: tuple[float, ...]
     labels: tuple[int, ...]
+    patient_id: Optional[str] = None
 
 
 def check_columns(name: str, columns, allow_empty: bool) -> list[str]:
@@ -120,13 +134,18 @@ def load_outcome_table(
             if not relative:
                 raise DataListError(f"{where}: no image in column {image_column!r}")
             image = path_in_data_root(data_root, relative, f"{where}: column {image_column!r}")
-            if not os.path.isfile(image):
+            if not _image_exists(image):
                 raise DataListError(f"{where}: image {image} does not exist")
         cases[split].append(OutcomeCase(case_id, split, image, clinical, labels))
     for split, found in cases.items():
         if not found:
             raise DataListError(f"outcome table {path} has no {split!r} cases")
     return cases
+
+
+def _image_exists(image: str) -> bool:
+    """A file, or a folder (a DICOM series, :mod:`medflare.data.dicom_radiograph`)."""
+    return os.path.isfile(image) or os.path.isdir(image)
 
 
 def _read_rows(path: str, needed: Sequence[str]) -> list[dict]:
@@ -191,7 +210,7 @@ def check_outcome_table(path: str, data_root: str, image_column: str = "image") 
         _check_finite_cells(row, [c for c in header if c not in ("case_id", "split", image_column)], where)
         if image_column in header:
             image = path_in_data_root(data_root, (row[image_column] or "").strip(), f"{where}: column {image_column!r}")
-            if not os.path.isfile(image):
+            if not _image_exists(image):
                 raise DataListError(f"{where}: image {image} does not exist")
             try:
                 read_xray(image)
@@ -238,6 +257,8 @@ def _binary(text: Optional[str], column: str, where: str) -> int:
 
 
 def _is_dicom(path: str) -> bool:
+    if os.path.isdir(path):  # a series folder
+        return True
     if path.lower().endswith((".dcm", ".dicom")):
         return True
     with open(path, "rb") as f:
@@ -245,23 +266,37 @@ def _is_dicom(path: str) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def read_xray(path: str) -> np.ndarray:
+def read_xray(path: str, frame: Optional[int] = None) -> np.ndarray:
     """A greyscale radiograph as float32 ``(H, W)`` scaled to [0, 1] by its own range.
 
-    PNG (8/16-bit greyscale; colour is converted to luminance) and DICOM (single frame,
-    greyscale) are read. Scaling each image by its own minimum and maximum removes the bit depth
-    and the vendor's value range; what differs between sites beyond that is left to the model.
+    Read: PNG (8/16-bit greyscale) and JPEG (what CheXpert and MIMIC-CXR-JPG ship); colour is
+    converted to luminance. DICOM: a file or a folder of one series, through the modality LUT,
+    the VOI LUT (window or LUT sequence) and MONOCHROME1 inversion; a multi-frame file or a
+    series is one radiograph when its frames are equal, else ``frame`` must say which
+    (:mod:`medflare.data.dicom_radiograph`). Scaling each image by its own minimum and maximum
+    removes the bit depth and the vendor's value range; what differs between sites beyond that
+    is left to the model.
+
+    Args:
+        path: the image file, or a DICOM series folder.
+        frame: None, or the DICOM frame number (from 1) of a multi-frame file or series.
 
     Raises:
+        ValueError: ``frame`` is not None or an int >= 1.
         DataListError: naming the file when it cannot be read or is not a single greyscale image.
     """
+    from medflare.data.dicom_radiograph import check_frame, read_dicom_radiograph
+
+    check_frame(frame)
     try:
         if _is_dicom(path):
-            pixels = _read_dicom(path)
+            pixels = read_dicom_radiograph(path, frame)
         else:
             from PIL import Image
 
             with Image.open(path) as image:
+                if getattr(image, "n_frames", 1) != 1:
+                    raise DataListError(f"image {path} holds {image.n_frames} frames; a radiograph is one image")
                 if image.mode not in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
                     image = image.convert("L")
                 pixels = np.asarray(image, dtype=np.float32)
@@ -276,16 +311,3 @@ def read_xray(path: str) -> np.ndarray:
         raise DataListError(f"image {path} has non-finite pixel values")
     low, high = float(pixels.min()), float(pixels.max())
     return (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
-
-
-def _read_dicom(path: str) -> np.ndarray:
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
-
-    dataset = pydicom.dcmread(path)
-    if int(getattr(dataset, "NumberOfFrames", 1) or 1) != 1 or int(getattr(dataset, "SamplesPerPixel", 1)) != 1:
-        raise DataListError(f"image {path} must be a single-frame greyscale DICOM")
-    pixels = apply_modality_lut(dataset.pixel_array, dataset).astype(np.float32)
-    if str(getattr(dataset, "PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
-        pixels = pixels.max() - pixels  # MONOCHROME1: low values are white
-    return pixels

@@ -320,16 +320,16 @@ def test_a_too_small_image_is_named(tmp_path, shape):
         read_xray(path)
 
 
-def test_a_multi_frame_dicom_is_refused(tmp_path):
+def test_a_multi_frame_dicom_of_one_repeated_image_is_read(tmp_path):
     import pydicom
 
-    path = write_dicom(tmp_path / "x.dcm", gradient((8, 8), dtype=np.uint16))
+    raw = gradient((8, 10), low=0, high=900, dtype=np.uint16)
+    path = write_dicom(tmp_path / "x.dcm", raw)
     ds = pydicom.dcmread(path)
     ds.NumberOfFrames = 2
     ds.PixelData = ds.PixelData * 2
     ds.save_as(path, enforce_file_format=True)
-    with pytest.raises(DataListError, match=re.escape(f"image {path} must be a single-frame greyscale DICOM")):
-        read_xray(path)
+    np.testing.assert_allclose(read_xray(path), scaled(raw), atol=1e-6)
 
 
 # --- image paths stay inside the data root ---------------------------------------------------
@@ -415,7 +415,7 @@ def test_an_rgb_dicom_is_refused_naming_the_file(tmp_path):
     ds = pydicom.dcmread(path)
     ds.SamplesPerPixel = 3
     ds.save_as(path, enforce_file_format=True)
-    with pytest.raises(DataListError, match=re.escape(f"image {path} must be a single-frame greyscale DICOM")):
+    with pytest.raises(DataListError, match=re.escape(f"image {path} must be a greyscale DICOM (SamplesPerPixel 1)")):
         read_xray(path)
 
 
@@ -439,3 +439,234 @@ def test_count_cases_counts_splits_without_reading_images_and_refuses_a_bad_spli
         count_cases(str(table))
     with pytest.raises(DataListError):
         count_cases(str(tmp_path / "none.csv"))
+
+
+# --- DICOM: VOI LUT, multi-frame files, series folders, JPEG -----------------------------------
+
+
+def write_dicom_frames(path, frames, photometric="MONOCHROME2", series_uid="1.2.3.4", instance=1, **attributes):
+    """A 16-bit greyscale DICOM of one frame ``(H, W)`` or several ``(F, H, W)``, with any
+    further ``attributes`` (WindowCenter, VOILUTSequence, ...) set on it."""
+    frames = np.asarray(frames)
+    write_dicom(path, frames.reshape(-1, frames.shape[-1]), photometric)
+    import pydicom
+
+    ds = pydicom.dcmread(str(path))
+    ds.Rows, ds.Columns = frames.shape[-2:]
+    if frames.ndim == 3:
+        ds.NumberOfFrames = frames.shape[0]
+    ds.SeriesInstanceUID = series_uid
+    if instance is not None:
+        ds.InstanceNumber = instance
+    del ds.RescaleSlope, ds.RescaleIntercept
+    for name, value in attributes.items():
+        setattr(ds, name, value)
+    ds.save_as(str(path), enforce_file_format=True)
+    return str(path)
+
+
+def window_ramp():
+    """8x10 raw values around a window of centre 100, width 101 (PS3.3 C.11.2.1.2.1: below
+    49.5 is y_min, above 149.5 is y_max, between is ((x - 99.5) / 100 + 0.5) of the range)."""
+    raw = np.zeros((8, 10), dtype=np.uint16)
+    raw[0, :6] = [0, 49, 50, 100, 149, 150]
+    raw[1, 0] = 4000
+    return raw
+
+
+def test_a_dicom_window_is_applied_after_the_modality_lut_by_the_standards_formula(tmp_path):
+    raw = window_ramp()
+    image = read_xray(write_dicom_frames(tmp_path / "w.dcm", raw, WindowCenter=100, WindowWidth=101))
+    # hand-computed: 0 and 49 below the window, 150 and 4000 above it
+    np.testing.assert_allclose(image[0, :6], [0.0, 0.0, 0.005, 0.505, 0.995, 1.0], atol=1e-6)
+    assert image[1, 0] == 1.0  # 4000 is clipped to the top of the window, not the image's maximum
+    # the window acts on the modality values: raw r -> x = 2r - 100
+    modality = raw.copy()
+    modality[0, :6] = [0, 74, 75, 100, 124, 125]  # x = -100, 48, 50, 100, 148, 150
+    shifted = write_dicom_frames(tmp_path / "m.dcm", modality, WindowCenter=100, WindowWidth=101, RescaleSlope=2, RescaleIntercept=-100)
+    np.testing.assert_allclose(read_xray(shifted)[0, :6], [0.0, 0.0, 0.005, 0.505, 0.985, 1.0], atol=1e-6)
+
+
+def test_the_first_of_several_windows_is_used(tmp_path):
+    raw = window_ramp()
+    image = read_xray(write_dicom_frames(tmp_path / "w.dcm", raw, WindowCenter=[100, 2000], WindowWidth=[101, 4000]))
+    np.testing.assert_allclose(image[0, :6], [0.0, 0.0, 0.005, 0.505, 0.995, 1.0], atol=1e-6)
+
+
+def test_a_voi_lut_sequence_maps_each_value_through_the_table(tmp_path):
+    from pydicom.dataset import Dataset
+
+    raw = np.full((8, 8), 5, dtype=np.uint16)
+    raw[0, :6] = [5, 10, 11, 12, 13, 20]
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4, 10, 8])  # LUT Descriptor: 4 entries, the first for value 10, 8 bits
+    item.add_new(0x00283006, "US", [0, 10, 200, 255])  # LUT Data
+    image = read_xray(write_dicom_frames(tmp_path / "lut.dcm", raw, VOILUTSequence=[item]))
+    # below the first mapped value: the first entry; above the last: the last entry
+    np.testing.assert_allclose(image[0, :6], [0, 0, 10 / 255, 200 / 255, 1, 1], atol=1e-6)
+
+
+def test_monochrome1_is_inverted_after_the_window(tmp_path):
+    raw = window_ramp()
+    image = read_xray(write_dicom_frames(tmp_path / "w.dcm", raw, "MONOCHROME1", WindowCenter=100, WindowWidth=101))
+    np.testing.assert_allclose(image[0, :6], [1.0, 1.0, 0.995, 0.495, 0.005, 0.0], atol=1e-6)
+
+
+def test_pydicoms_own_mr_file_reads_as_its_window_by_hand(tmp_path):
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("MR_small.dcm")
+    ds = pydicom.dcmread(path)
+    assert (float(ds.WindowCenter), float(ds.WindowWidth)) == (600.0, 1600.0)
+    x = ds.pixel_array.astype(np.float64)
+    c, w = 600 - 0.5, 1600 - 1
+    y = np.clip((x - c) / w + 0.5, 0, 1)
+    y[x <= c - w / 2] = 0
+    y[x > c + w / 2] = 1
+    np.testing.assert_allclose(read_xray(path), (y - y.min()) / (y.max() - y.min()), atol=1e-5)
+
+
+def test_a_zero_window_width_is_refused_naming_the_file(tmp_path):
+    path = write_dicom_frames(tmp_path / "w.dcm", window_ramp(), WindowCenter=100, WindowWidth=0)
+    with pytest.raises(DataListError, match=re.escape(f"cannot read image {path}: ValueError") + ".*Window Width"):
+        read_xray(path)
+
+
+def two_images():
+    first = gradient((8, 10), low=0, high=900, dtype=np.uint16)
+    second = first[:, ::-1].copy()
+    return first, second
+
+
+def test_a_multi_frame_dicom_of_different_images_needs_a_frame_number(tmp_path):
+    first, second = two_images()
+    path = write_dicom_frames(tmp_path / "mf.dcm", np.stack([first, second, first]))
+    with pytest.raises(DataListError, match=re.escape(f"image {path} holds 3 different images (frame 1 and frame 2 differ)")):
+        read_xray(path)
+    np.testing.assert_allclose(read_xray(path, frame=1), scaled(first), atol=1e-6)
+    np.testing.assert_allclose(read_xray(path, frame=2), scaled(second), atol=1e-6)
+    with pytest.raises(DataListError, match="has 3 frame\\(s\\); frame 4 was asked for"):
+        read_xray(path, frame=4)
+
+
+@pytest.mark.parametrize("frame", [0, -1, 1.0, True, "1"])
+def test_a_bad_frame_number_is_the_callers_fault(tmp_path, frame):
+    with pytest.raises(ValueError, match=re.escape(f"frame must be null or an int >= 1 (DICOM counts frames from 1), got {frame!r}")) as raised:
+        read_xray(str(tmp_path / "none.dcm"), frame=frame)
+    assert not isinstance(raised.value, DataListError)
+
+
+def write_series(folder, images, numbers, uids=None, names=None):
+    folder.mkdir()
+    for k, (image, number) in enumerate(zip(images, numbers)):
+        name = names[k] if names else f"f{k}.dcm"
+        write_dicom_frames(folder / name, image, series_uid=(uids or ["1.2.3"] * len(images))[k], instance=number)
+    return str(folder)
+
+
+def test_a_series_folder_is_ordered_by_instance_number_not_by_file_name(tmp_path):
+    first, second = two_images()
+    third = first + 50
+    # file names sort a, b, c; instance numbers say c, a, b
+    folder = write_series(tmp_path / "series", [second, third, first], [2, 3, 1], names=["a.dcm", "b.dcm", "c.dcm"])
+    np.testing.assert_allclose(read_xray(folder, frame=1), scaled(first), atol=1e-6)
+    np.testing.assert_allclose(read_xray(folder, frame=2), scaled(second), atol=1e-6)
+    with pytest.raises(DataListError, match=re.escape("holds 3 different images (instance 1 (c.dcm) and instance 2 (a.dcm) differ)")):
+        read_xray(folder)
+
+
+def test_a_series_of_one_image_or_repeats_of_it_reads_without_a_frame(tmp_path):
+    first, _ = two_images()
+    np.testing.assert_allclose(read_xray(write_series(tmp_path / "one", [first], [7])), scaled(first), atol=1e-6)
+    np.testing.assert_allclose(read_xray(write_series(tmp_path / "two", [first, first], [1, 2])), scaled(first), atol=1e-6)
+
+
+def test_a_series_folder_mixing_two_series_names_both_uids(tmp_path):
+    first, second = two_images()
+    folder = write_series(tmp_path / "mixed", [first, second], [1, 2], uids=["1.2.3.9", "1.2.3.10"])
+    with pytest.raises(DataListError) as raised:
+        read_xray(folder)
+    assert str(raised.value) == (
+        f"image series {folder} mixes series: SeriesInstanceUID 1.2.3.10 (f1.dcm) and 1.2.3.9 (f0.dcm); "
+        "one folder must hold one series"
+    )
+
+
+def _no_instance(folder):
+    import pydicom
+
+    ds = pydicom.dcmread(folder / "f1.dcm")
+    del ds.InstanceNumber
+    ds.save_as(folder / "f1.dcm", enforce_file_format=True)
+
+
+@pytest.mark.parametrize(
+    "prepare, message",
+    [
+        (lambda f: _no_instance(f), "f1.dcm has no InstanceNumber to order the series by"),
+        (lambda f: (f / "notes.txt").write_text("hello"), "cannot read image"),
+        (lambda f: (f / "sub").mkdir(), "'sub' is not a file inside the folder"),
+        (lambda f: (f / "link.dcm").symlink_to(f.parent / "outside.dcm"), "'link.dcm' is not a file inside the folder"),
+        (lambda f: write_dicom_frames(f / "f9.dcm", gradient((8, 10), dtype=np.uint16), series_uid="1.2.3", instance=2), "InstanceNumber 2 is repeated (f1.dcm, f9.dcm)"),
+        (lambda f: write_dicom_frames(f / "f9.dcm", gradient((9, 10), dtype=np.uint16), series_uid="1.2.3", instance=5), "instance 5 (f9.dcm) is (9, 10), instance 1 is (8, 10)"),
+        (lambda f: write_dicom_frames(f / "f9.dcm", np.stack([gradient((8, 10), dtype=np.uint16)] * 2), series_uid="1.2.3", instance=5), "f9.dcm is multi-frame"),
+    ],
+    ids=["no-instance-number", "not-dicom", "subfolder", "symlink-out", "repeated-number", "other-shape", "multi-frame-inside"],
+)
+def test_a_bad_series_folder_is_refused_naming_the_folder_and_file(tmp_path, prepare, message):
+    first, _ = two_images()
+    write_dicom_frames(tmp_path / "outside.dcm", first)
+    folder = write_series(tmp_path / "series", [first, first], [1, 2])
+    prepare(tmp_path / "series")
+    with pytest.raises(DataListError) as raised:
+        read_xray(folder)
+    assert folder in str(raised.value) and message in str(raised.value)
+
+
+def test_an_empty_series_folder_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataListError, match=re.escape(f"image series {tmp_path / 'empty'} is an empty folder")):
+        read_xray(str(tmp_path / "empty"))
+
+
+def test_an_enhanced_dicom_with_its_window_in_functional_groups_is_refused(tmp_path):
+    from pydicom.dataset import Dataset
+
+    voi, group = Dataset(), Dataset()
+    voi.WindowCenter, voi.WindowWidth = 100, 101
+    group.FrameVOILUTSequence = [voi]
+    path = write_dicom_frames(tmp_path / "e.dcm", window_ramp(), SharedFunctionalGroupsSequence=[group])
+    with pytest.raises(DataListError, match=re.escape(f"image {path} is an enhanced multi-frame DICOM") + ".*FrameVOILUTSequence"):
+        read_xray(path)
+
+
+def test_a_colour_photometric_interpretation_is_refused(tmp_path):
+    path = write_dicom_frames(tmp_path / "p.dcm", window_ramp(), "PALETTE COLOR")
+    with pytest.raises(DataListError, match=re.escape(f"image {path} must be a greyscale DICOM (MONOCHROME1/2), got 'PALETTE COLOR'")):
+        read_xray(path)
+
+
+def test_a_jpeg_is_read_as_greyscale(tmp_path):
+    array = np.zeros((16, 16), dtype=np.uint8)
+    array[:, 8:] = 200
+    path = tmp_path / "view1_frontal.jpg"
+    Image.fromarray(array).save(path, quality=95)
+    image = read_xray(str(path))
+    assert image.shape == (16, 16) and image.dtype == np.float32
+    assert image[:, :6].max() < 0.05 and image[:, 10:].min() > 0.95  # lossy, but the two halves stay apart
+
+
+def test_a_table_may_name_a_series_folder_as_the_image(tmp_path):
+    first, _ = two_images()
+    (tmp_path / "images").mkdir()
+    write_series(tmp_path / "images" / "a", [first], [1])
+    write_png(tmp_path / "images" / "b.png", gradient())
+    rows = [["a", "train", "images/a", 71, 88.0, 1], ["b", "test", "images/b.png", 45, 97.5, 0]]
+    table = write_table(tmp_path / "table.csv", rows)
+    cases = load_outcome_table(table, str(tmp_path), CLINICAL, LABELS, image_column="image")
+    assert cases["train"][0].image == str(tmp_path / "images" / "a")
+    np.testing.assert_allclose(read_xray(cases["train"][0].image), scaled(first), atol=1e-6)
+    from medflare.data.outcome_table import check_outcome_table
+
+    assert check_outcome_table(table, str(tmp_path))["images"] == 2
