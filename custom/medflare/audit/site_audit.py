@@ -166,27 +166,28 @@ def _outcome_cases(executor, datalist: str) -> SiteCases:
     )
 
 
-#: the BraTS regions the segmentation head predicts (MONAI's ConvertToMultiChannelBasedOnBratsClasses)
+#: the tumour regions the segmentation head predicts (medflare.data.tumour_label_conventions.tumour_regions)
 BRATS_REGIONS = ("tumour core", "whole tumour", "enhancing tumour")
 
 
 def _segmentation_cases(datalist: str, data_root: str) -> SiteCases:
-    """The site's training subjects, with which BraTS regions each label volume holds."""
+    """The site's training subjects, with which tumour regions each label volume holds (in the
+    label convention of the site's datalist, as the trainer converts them)."""
     import json
 
     import nibabel as nib
-    from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
 
     from medflare.data.brats_layout import load_datalist
+    from medflare.data.tumour_label_conventions import DEFAULT_CONVENTION, get_convention, tumour_regions
 
     training, _ = load_datalist(datalist, data_root, check_files=True)
     with open(datalist) as f:
         content = json.load(f)
-    regions = ConvertToMultiChannelBasedOnBratsClasses()
     labels, shapes = [], []
     for item in training:
         volume = np.asarray(nib.load(item["label"]).dataobj)
-        labels.append([bool(np.asarray(c).any()) for c in regions(volume)])
+        convention = get_convention(item.get("label_convention", DEFAULT_CONVENTION))
+        labels.append([bool(c.any()) for c in tumour_regions(volume, convention)])
         shapes.append([int(n) for n in volume.shape[:3]])
     ids = [str(item.get("subject", os.path.basename(item["label"]))) for item in content["training"]]
     return SiteCases(

@@ -8,12 +8,14 @@ a subject with a :class:`VolumeCheckError` naming the subject, the modality, the
 found and what is allowed:
 
 * every file loads with nibabel (a truncated ``.nii.gz`` is named, not a MONAI transform);
-* every volume is 3-D with no zero-length axis;
+* every volume is 3-D with no zero-length axis (a 4-D ``(x, y, z, 4)`` image, MSD Task01, in
+  place of the four modality files);
 * the four modalities and the label share one shape and one affine (within
   :data:`AFFINE_TOLERANCE`, in mm and direction cosines);
 * every image voxel is finite;
-* the label is integer-valued (an integer-valued float volume is accepted) and within
-  :data:`BRATS_LABELS`.
+* the label is integer-valued (an integer-valued float volume is accepted) and within the
+  values of the entry's ``"label_convention"`` (:data:`BRATS_LABELS` for ``brats2021``, the
+  default; 0-3 for ``brats2023`` and ``msd_task01``).
 
 Headers are compared before any voxel is read, so a mismatched grid costs no voxel read. Each
 file's voxels are read once per process: a file that passed is remembered by its resolved path,
@@ -29,8 +31,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from medflare.data.brats_layout import MODALITIES
 from medflare.data.data_errors import DataListError
+from medflare.data.modality_names import MODALITIES
+from medflare.data.tumour_label_conventions import DEFAULT_CONVENTION, LabelConvention, get_convention
 
 __all__ = [
     "AFFINE_TOLERANCE",
@@ -41,11 +44,13 @@ __all__ = [
     "forget_checked_files",
 ]
 
-#: Label values of the BraTS challenges: background, necrotic core, oedema, enhancing tumour.
+#: Label values of the BraTS 2018-2021 challenges: background, necrotic core, oedema, enhancing tumour.
 BRATS_LABELS = (0, 1, 2, 4)
 
 #: Largest difference allowed between two volumes' affine entries (mm for the translation).
 AFFINE_TOLERANCE = 1e-3
+
+_TITLES = {"brats2021": "BraTS", "brats2023": "BraTS 2023", "msd_task01": "MSD Task01"}
 
 _checked: dict[tuple, tuple] = {}  # (role, realpath, size, mtime_ns) -> (shape, affine) of a file that passed
 _checked_lock = threading.Lock()
@@ -76,42 +81,54 @@ def check_brats_subject(entry: Mapping) -> None:
     """Check one subject ``{"image": [t1, t1ce, t2, flair], "label": seg}`` (absolute paths, as
     :func:`~medflare.data.brats_layout.load_datalist` returns them; ``"subject"`` optional).
 
+    ``"image"`` may instead be one 4-D path ``(x, y, z, 4)`` (MSD Task01). The label values
+    allowed are those of the entry's ``"label_convention"``
+    (:mod:`medflare.data.tumour_label_conventions`; ``brats2021`` when absent).
+
     Raises:
         VolumeCheckError: naming the subject, the modality or label, the file, what was found
             and what is allowed.
     """
     subject = entry.get("subject") or os.path.basename(os.path.dirname(entry["label"])) or entry["label"]
-    if len(entry["image"]) != len(MODALITIES):
+    try:
+        convention = get_convention(entry.get("label_convention", DEFAULT_CONVENTION))
+    except ValueError as e:
+        raise VolumeCheckError(f"subject {subject}: {e}") from None
+    images = entry["image"]
+    if isinstance(images, str):
+        files = [(f"4-D image ({len(MODALITIES)} channels)", images, 4)]
+    elif len(images) != len(MODALITIES):
         raise VolumeCheckError(
-            f"subject {subject}: {len(entry['image'])} image(s) {list(entry['image'])}; one per modality "
-            f"{list(MODALITIES)} is expected"
+            f"subject {subject}: {len(images)} image(s) {list(images)}; one per modality "
+            f"{list(MODALITIES)} (or one 4-D image) is expected"
         )
-    files = [(f"modality {m} image", path) for m, path in zip(MODALITIES, entry["image"])]
-    files.append(("label", entry["label"]))
+    else:
+        files = [(f"modality {m} image", path, 3) for m, path in zip(MODALITIES, images)]
+    files.append(("label", entry["label"], 3))
 
     pending = []  # (role, path, nibabel image, cache key) of files not checked before
     grids = []
-    for role, path in files:
-        key = _cache_key(role, path)
+    for role, path, ndim in files:
+        key = _cache_key(role, path, ndim, convention.values)
         with _checked_lock:
             known = _checked.get(key) if key is not None else None
         if known is not None:
-            grids.append((role, path) + known)
+            grids.append((role, path, ndim) + known)
             continue
         image = _load(role, path, subject)
-        grids.append((role, path, tuple(image.shape), np.asarray(image.affine, dtype=np.float64)))
+        grids.append((role, path, ndim, tuple(image.shape), np.asarray(image.affine, dtype=np.float64)))
         pending.append((role, path, image, key))
 
-    for role, path, shape, affine in grids:
-        _check_header(role, path, subject, shape, affine)
-    ref_role, ref_path, ref_shape, ref_affine = grids[0]
-    for role, path, shape, affine in grids[1:]:
+    for role, path, ndim, shape, affine in grids:
+        _check_header(role, path, subject, shape, affine, ndim)
+    ref_role, ref_path, _, ref_shape, ref_affine = grids[0]
+    for role, path, _, shape, affine in grids[1:]:
         _check_same_grid(subject, (role, path, shape, affine), (ref_role, ref_path, ref_shape, ref_affine))
 
     for role, path, image, key in pending:
         voxels = _voxels(role, path, subject, image)
         if role == "label":
-            _check_label_values(path, subject, voxels)
+            _check_label_values(path, subject, voxels, convention)
         else:
             _check_finite(role, path, subject, voxels)
         if key is not None:
@@ -119,12 +136,14 @@ def check_brats_subject(entry: Mapping) -> None:
                 _checked[key] = (tuple(image.shape), np.asarray(image.affine, dtype=np.float64))
 
 
-def _cache_key(role: str, path: str):
+def _cache_key(role: str, path: str, ndim: int, label_values: tuple):
     try:
         stat = os.stat(path)
     except OSError:
         return None  # _load names the file
-    return ("label" if role == "label" else "image", os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    # a label passes for the values of one convention: a pass under another is no pass
+    kind = ("label", label_values) if role == "label" else ("image", ndim)
+    return (kind, os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
 
 
 def _load(role: str, path: str, subject: str):
@@ -144,8 +163,14 @@ def _voxels(role: str, path: str, subject: str, image) -> np.ndarray:
         raise VolumeCheckError(f"subject {subject}: cannot read the voxels of {role} {path}: {type(e).__name__}: {e}") from None
 
 
-def _check_header(role: str, path: str, subject: str, shape: tuple, affine: np.ndarray) -> None:
-    if len(shape) != 3:
+def _check_header(role: str, path: str, subject: str, shape: tuple, affine: np.ndarray, ndim: int = 3) -> None:
+    if ndim == 4:
+        if len(shape) != 4 or shape[3] != len(MODALITIES):
+            raise VolumeCheckError(
+                f"subject {subject}: {role} {path} has shape {shape}; a 4-D image (x, y, z, {len(MODALITIES)}) "
+                f"with one channel per modality {list(MODALITIES)} is expected"
+            )
+    elif len(shape) != 3:
         raise VolumeCheckError(
             f"subject {subject}: {role} {path} has shape {shape} ({len(shape)}-D); a 3-D volume is expected"
         )
@@ -158,7 +183,7 @@ def _check_header(role: str, path: str, subject: str, shape: tuple, affine: np.n
 def _check_same_grid(subject: str, this: tuple, ref: tuple) -> None:
     role, path, shape, affine = this
     ref_role, ref_path, ref_shape, ref_affine = ref
-    if shape != ref_shape:
+    if shape[:3] != ref_shape[:3]:
         raise VolumeCheckError(
             f"subject {subject}: {role} {path} has shape {shape}, but {ref_role} {ref_path} has {ref_shape}; "
             "the four modalities and the label must share one voxel grid"
@@ -184,8 +209,8 @@ def _check_finite(role: str, path: str, subject: str, voxels: np.ndarray) -> Non
         )
 
 
-def _check_label_values(path: str, subject: str, voxels: np.ndarray) -> None:
-    allowed = list(BRATS_LABELS)
+def _check_label_values(path: str, subject: str, voxels: np.ndarray, convention: LabelConvention) -> None:
+    allowed = list(convention.values)
     kind = voxels.dtype.kind
     if kind not in "iubf":
         raise VolumeCheckError(f"subject {subject}: label {path} has voxel type {voxels.dtype}; integer labels {allowed} are expected")
@@ -205,14 +230,15 @@ def _check_label_values(path: str, subject: str, voxels: np.ndarray) -> None:
     low, high = voxels.min(), voxels.max()
     outside = low < allowed[0] or high > allowed[-1]
     if not outside:
-        # the gaps between allowed values (3, for BraTS): one comparison each, no sort of the volume
+        # the gaps between allowed values (3, for BraTS 2021): one comparison each, no sort of the volume
         outside = any((voxels == v).any() for v in range(int(low), int(high) + 1) if v not in allowed)
     if outside:
         bad = ~np.isin(voxels, allowed)
         found = [int(v) if float(v).is_integer() else float(v) for v in np.unique(voxels[bad])]
         raise VolumeCheckError(
             f"subject {subject}: label {path} has value(s) {found[:10]}{' ...' if len(found) > 10 else ''} in "
-            f"{int(bad.sum())} voxel(s), outside the BraTS labels {allowed}"
+            f"{int(bad.sum())} voxel(s), outside the {_TITLES.get(convention.name, convention.name)} labels {allowed} "
+            f"(label_convention {convention.name!r})"
         )
 
 
