@@ -13,8 +13,8 @@ kind                files                                                       
 
 A folder holding none is refused with what was seen (how many folders hold NIfTI files, how
 their names end, which modality suffix no folder has); a folder holding two is refused naming
-both. :func:`write_tumour_datalist` then checks that the label volumes hold only the
-convention's values (a BraTS 2018-2021 folder whose labels hold 3 is refused naming the file)
+both. :func:`write_tumour_datalist` then checks every file's header (a 4-D image with 3
+channels is refused) and that the label volumes hold only the convention's values (a BraTS 2018-2021 folder whose labels hold 3 is refused naming the file)
 and writes the datalist and ``data_config.json``.
 """
 
@@ -36,7 +36,7 @@ from medflare.data.modality_names import MODALITIES
 from medflare.data.msd_task01_layout import DATASET_FILE, read_msd_task01
 from medflare.data.tumour_label_conventions import CONVENTIONS, get_convention, values_outside
 
-__all__ = ["LAYOUT_KINDS", "LayoutReport", "check_label_values_present", "detect_tumour_layout", "write_tumour_datalist"]
+__all__ = ["LAYOUT_KINDS", "LayoutReport", "check_image_headers", "check_label_values_present", "detect_tumour_layout", "write_tumour_datalist"]
 
 #: The layouts :func:`detect_tumour_layout` tells apart.
 LAYOUT_KINDS = ("brats2018-2021", "brats2023", "msd_task01")
@@ -192,6 +192,38 @@ def _scan(root: str) -> dict:
     }
 
 
+def check_image_headers(report: LayoutReport) -> None:
+    """Read the headers (no voxels) of every subject's files: a 4-D image must be
+    ``(x, y, z, 4)``, a modality file 3-D, and each on the label's voxel grid shape.
+
+    Raises:
+        DataListError: naming the subject, the file, its shape and what is expected.
+    """
+    import nibabel as nib
+
+    for subject in report.subjects:
+        shapes = []
+        for path in list(subject.images) + ([subject.label] if subject.label else []):
+            try:
+                shapes.append((path, tuple(nib.load(path).shape)))
+            except Exception as e:  # noqa: BLE001 - any reason a header does not load is the file's fault
+                raise DataListError(f"subject {subject.subject_id}: cannot read {path}: {type(e).__name__}: {e}") from None
+        for n, (path, shape) in enumerate(shapes):
+            is_4d_image = len(subject.images) == 1 and n == 0
+            if is_4d_image and (len(shape) != 4 or shape[3] != len(MODALITIES)):
+                raise DataListError(
+                    f"subject {subject.subject_id}: 4-D image {path} has shape {shape}; (x, y, z, {len(MODALITIES)}) "
+                    f"with one channel per modality {report.modality} is expected"
+                )
+            if not is_4d_image and len(shape) != 3:
+                raise DataListError(f"subject {subject.subject_id}: {path} has shape {shape}; a 3-D volume is expected")
+            if shape[:3] != shapes[0][1][:3]:
+                raise DataListError(
+                    f"subject {subject.subject_id}: {path} has shape {shape}, but {shapes[0][0]} has {shapes[0][1]}; "
+                    "a subject's files must share one voxel grid"
+                )
+
+
 def check_label_values_present(report: LayoutReport, log: Callable[[str], None] = lambda line: None) -> dict:
     """Read every label volume of ``report`` and refuse one holding a value outside its convention.
 
@@ -249,7 +281,7 @@ def write_tumour_datalist(
         seed: seed of the split, an int >= 0.
         force: overwrite an existing datalist or ``data_config.json``.
         check_labels: read every label volume (:func:`check_label_values_present`).
-        log: receives progress lines.
+        log: receives :meth:`LayoutReport.summary` as soon as the layout is known, then progress lines.
 
     Returns:
         ``(report, datalist path, data_config path)``.
@@ -259,6 +291,8 @@ def write_tumour_datalist(
         DataListError: see :func:`detect_tumour_layout` and :func:`check_label_values_present`.
     """
     report = detect_tumour_layout(root)
+    for line in report.summary():
+        log(line)
     root = report.root
     out = os.path.abspath(out) if out else os.path.join(root, "datalist.json")
     out_dir = os.path.dirname(out)
@@ -272,6 +306,7 @@ def write_tumour_datalist(
         list(report.subjects), base_dir=root, val_fraction=val_fraction, seed=seed,
         label_convention=report.label_convention, modality=report.modality,
     )
+    check_image_headers(report)
     if check_labels:
         present = check_label_values_present(report, log)
         log(f"label values present: {present} (value: volumes)")
