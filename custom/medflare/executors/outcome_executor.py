@@ -7,8 +7,11 @@ the plain chest X-ray classifier and a clinical-table model (FLamby's Fed-Heart-
 logistic regression) differ only in the job's ``model`` and column arguments.
 
 The job names the columns, which are the model's inputs and outputs; the site's data
-configuration names the table (:mod:`medflare.data.outcome_table`), whose ``train`` cases are
-trained on and whose ``test`` cases are scored, locally and in cross-site evaluation.
+configuration names the table, whose ``train`` cases are trained on and whose ``test`` cases
+are scored, locally and in cross-site evaluation. The table is medflare's own
+(:mod:`medflare.data.outcome_table`), CheXpert's or MIMIC-CXR-JPG's as they ship
+(:mod:`medflare.data.chest_xray_tables`); the job's table arguments say how the latter two are
+read (label policy, views, split).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Callable, Optional, Sequence
 
 from nvflare.app_common.app_constant import AppConstants
 
+from medflare.data.chest_xray_options import ChestXrayTableOptions
+from medflare.data.data_errors import DataListError
 from medflare.data.outcome_table import check_columns
 from medflare.data.site_data_config import OUTCOME_IMAGE, OUTCOME_TABLE
 from medflare.executors.site_training_executor import SiteTrainingExecutor, check_positive_int
@@ -56,6 +61,20 @@ class OutcomeExecutor(SiteTrainingExecutor):
         dataset: the name of the site's data set this job trains on, looked up in the site's
             data configuration; the job still names no path. Null: ``"outcome_image"`` with an
             ``image_column``, else ``"outcome_table"``.
+        table_format: ``"auto"`` (default: detect the site's table), ``"medflare"``,
+            ``"chexpert"`` or ``"mimic_cxr"`` (the site's table must be that one).
+        label_policy: for CheXpert and MIMIC tables, uncertain labels become ``"u_ones"`` 1,
+            ``"u_zeros"`` 0, or ``"ignore"``: left out of the loss and metrics (Irvin et al.
+            2019). Null: such a table is refused, the job must choose.
+        blank_labels: an observation not mentioned: ``"negative"`` (0, default) or ``"ignore"``.
+        views: null (frontal: CheXpert Frontal, MIMIC PA/AP), ``"all"``, or a list such as
+            ``["PA"]`` (see :data:`~medflare.data.chest_xray_options.VIEW_POSITIONS`).
+        test_fraction, split_seed: the seeded patient-level split (default 0.2 and 0) of a
+            CheXpert or MIMIC table without its official split file.
+
+        The table arguments are :class:`~medflare.data.chest_xray_options.ChestXrayTableOptions`;
+        they leave medflare's own tables alone (those are already the site's selection), and
+        with ``table_format="medflare"`` giving one is refused as a contradiction.
 
     Raises:
         ValueError: when an argument is out of range, or the model's declared inputs and
@@ -86,6 +105,12 @@ class OutcomeExecutor(SiteTrainingExecutor):
         submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
         dp_sgd: Optional[dict] = None,
         dataset: Optional[str] = None,
+        table_format: str = "auto",
+        label_policy: Optional[str] = None,
+        blank_labels: str = "negative",
+        views=None,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
     ):
         super().__init__(
             model,
@@ -109,6 +134,9 @@ class OutcomeExecutor(SiteTrainingExecutor):
         check_positive_int("local_steps", local_steps, allow_none=True)
         check_training_arguments(image_size, batch_size, learning_rate, optimizer, clinical_normalisation)
         self._check_model_fits(len(label_columns), len(clinical_columns), image_column is not None)
+        self._table_options = _check_table_options(
+            len(label_columns), table_format, label_policy, blank_labels, views, test_fraction, split_seed
+        )
 
         self.label_columns = list(label_columns)
         self.clinical_columns = list(clinical_columns)
@@ -120,6 +148,12 @@ class OutcomeExecutor(SiteTrainingExecutor):
         self.learning_rate = learning_rate
         self.optimizer = optimizer
         self.clinical_normalisation = clinical_normalisation
+        self.table_format = table_format
+        self.label_policy = label_policy
+        self.blank_labels = blank_labels
+        self.views = views
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
 
     @property
     def kind_dataset(self) -> str:
@@ -163,12 +197,16 @@ class OutcomeExecutor(SiteTrainingExecutor):
             )
 
     def _build_trainer(self, config, network):
-        from medflare.data.outcome_table import load_outcome_table
+        from medflare.data.chest_xray_tables import load_site_table
         from medflare.training.outcome_trainer import OutcomeTrainer
 
-        cases = load_outcome_table(
-            config.datalist, config.data_root, self.clinical_columns, self.label_columns, self.image_column
+        table = load_site_table(
+            config.datalist, config.data_root, self.clinical_columns, self.label_columns, self.image_column, self._table_options
         )
+        self.logger.info(f"{table.description}: cases per split after each step {table.counts}")
+        cases = table.cases
+        if self.dp_sgd is not None:
+            _check_one_case_per_patient(cases["train"], table.description)
         return OutcomeTrainer(
             network,
             cases["train"],
@@ -192,3 +230,55 @@ class OutcomeExecutor(SiteTrainingExecutor):
 
     def _dp_sgd_steps_per_round(self, trainer, expected_patients_per_step: int) -> int:
         return trainer.dp_sgd_steps(self.local_epochs, self.local_steps, expected_patients_per_step)
+
+
+def _check_table_options(num_labels, table_format, label_policy, blank_labels, views, test_fraction, split_seed):
+    """The job's table arguments as options, refused (ValueError naming the argument, its value
+    and what is allowed) before any data is read."""
+    options = ChestXrayTableOptions(table_format, label_policy, blank_labels, views, test_fraction, split_seed)
+    if table_format == "medflare":
+        given = {
+            name: value
+            for name, value, default in (
+                ("label_policy", label_policy, None),
+                ("blank_labels", blank_labels, "negative"),
+                ("views", views, None),
+                ("test_fraction", test_fraction, 0.2),
+                ("split_seed", split_seed, 0),
+            )
+            if value != default
+        }
+        if given:
+            raise ValueError(
+                f"table_format 'medflare' takes no CheXpert/MIMIC table arguments (its table already holds the site's "
+                f"split, views and 0/1 labels), got {given!r}"
+            )
+    if num_labels > 1 and "ignore" in (label_policy, blank_labels):
+        from medflare.training.outcome_trainer import OutcomeTrainer
+
+        # with one label a case whose label is ignored is dropped; with several it stays, marked
+        if not getattr(OutcomeTrainer, "masks_ignored_labels", False):
+            which = "label_policy" if label_policy == "ignore" else "blank_labels"
+            raise ValueError(
+                f"{which}='ignore' with {num_labels} label columns needs a trainer that leaves ignored labels (-1) out of the "
+                "loss and metrics, and this install's OutcomeTrainer does not; use 'u_ones'/'u_zeros' "
+                "(blank_labels 'negative') or one label column"
+            )
+    return options
+
+
+def _check_one_case_per_patient(cases, description: str) -> None:
+    """Patient-level DP-SGD counts one case as one patient: refuse a table with several
+    training images of one patient (CheXpert, MIMIC) rather than void the guarantee."""
+    counts: dict = {}
+    for case in cases:
+        if case.patient_id is not None:
+            counts[case.patient_id] = counts.get(case.patient_id, 0) + 1
+    repeated = {patient: n for patient, n in counts.items() if n > 1}
+    if repeated:
+        patient, n = next(iter(repeated.items()))
+        raise DataListError(
+            f"{description}: patient-level DP-SGD counts one training case as one patient, but {len(repeated)} patient(s) "
+            f"have several images (e.g. {patient}: {n}); the guarantee would not hold. Keep one image per patient "
+            "(e.g. views ['PA'] and one study) in a medflare table, or train without dp_sgd"
+        )

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import logging
 
 import numpy as np
@@ -240,3 +241,109 @@ def test_site_only_trainer_shares_the_loaded_cases(tmp_path, outcome_site, monke
     assert twin.train_data["image"] is executor._trainer.train_data["image"]
     assert twin.optimizer is not executor._trainer.optimizer
     assert twin.optimizer.param_groups[0]["params"][0] is next(twin.model.parameters())
+
+
+# --- the chest X-ray table arguments (CheXpert, MIMIC-CXR-JPG) --------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"table_format": "dicom"}, "table_format must be one of ['auto', 'medflare', 'chexpert', 'mimic_cxr'], got 'dicom'"),
+        ({"label_policy": "u_maybe"}, "label_policy must be one of ['u_ones', 'u_zeros', 'ignore'], got 'u_maybe'"),
+        ({"blank_labels": None}, "blank_labels must be one of ['negative', 'ignore'], got None"),
+        ({"views": "PA"}, "views must be null (frontal), 'all' or a non-empty list"),
+        ({"views": ["PA", "oblique"]}, "views names unknown view position(s) ['oblique']"),
+        ({"test_fraction": 1.5}, "test_fraction must be a number in (0, 1), got 1.5"),
+        ({"test_fraction": False}, "test_fraction must be a number in (0, 1), got False"),
+        ({"split_seed": "0"}, "split_seed must be an int >= 0, got '0'"),
+        ({"table_format": "medflare", "views": ["PA"]}, "table_format 'medflare' takes no CheXpert/MIMIC table arguments"),
+        ({"table_format": "medflare", "label_policy": "u_ones"}, "got {'label_policy': 'u_ones'}"),
+        # several labels and ignored ones need a trainer that masks them
+        ({"label_columns": ["Edema", "Cardiomegaly"], "label_policy": "ignore"}, "label_policy='ignore' with 2 label columns needs a trainer"),
+        ({"label_columns": ["Edema", "Cardiomegaly"], "label_policy": "u_ones", "blank_labels": "ignore"}, "blank_labels='ignore' with 2 label columns"),
+    ],
+)
+def test_bad_table_arguments_are_refused_when_the_job_is_built(kwargs, message):
+    labels = kwargs.get("label_columns", ["o2_24h"])
+    args = dict(model=_model(labels, CLINICAL, None), label_columns=labels, clinical_columns=CLINICAL)
+    args.update(kwargs)
+    from medflare.training.outcome_trainer import OutcomeTrainer
+
+    if "2 label columns" in message and getattr(OutcomeTrainer, "masks_ignored_labels", False):
+        pytest.skip("this install's trainer masks ignored labels: the combination is allowed")
+    with pytest.raises(ValueError) as raised:
+        OutcomeExecutor(**args)
+    assert message in str(raised.value)
+
+
+def test_table_arguments_are_kept_unchanged_and_default_to_the_old_behaviour():
+    args = dict(model=_model(["o2_24h"], CLINICAL, None), label_columns=["o2_24h"], clinical_columns=CLINICAL)
+    plain = OutcomeExecutor(**args)
+    assert (plain.table_format, plain.label_policy, plain.blank_labels, plain.views, plain.test_fraction, plain.split_seed) == (
+        "auto", None, "negative", None, 0.2, 0,
+    )
+    chosen = OutcomeExecutor(**args, table_format="chexpert", label_policy="u_zeros", views=["pa"], test_fraction=0.3, split_seed=4)
+    assert chosen.views == ["pa"] and chosen._table_options.views == ("PA",)
+
+
+@pytest.fixture(scope="module")
+def chexpert_site(tmp_path_factory):
+    """A CheXpert download of 12 training images (5 patients) and 3 validation images, 16x16 JPGs."""
+    from tests.unit.data.test_chest_xray_tables import make_chexpert
+
+    root = tmp_path_factory.mktemp("chexpert_site")
+    table = make_chexpert(root)
+    config = root / "data_config.json"
+    config.write_text(json.dumps({"data_root": ".", "datalist": os.path.relpath(table, root)}))
+    return str(config)
+
+
+def _chexpert_executor(tmp_path, chexpert_site, monkeypatch, **kwargs):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    install_data(tmp_path, chexpert_site)
+    args = dict(
+        model=_model(["Cardiomegaly"], ["Age", "Sex"], "image"),
+        label_columns=["Cardiomegaly"],
+        clinical_columns=["Age", "Sex"],
+        image_column="image",
+        image_size=[16, 16],
+        local_steps=2,
+        batch_size=4,
+        device="cpu",
+    )
+    args.update(kwargs)
+    executor = OutcomeExecutor(**args)
+    fl_ctx = site_context(tmp_path)
+    executor.handle_event(EventType.START_RUN, fl_ctx)
+    return executor, fl_ctx, args
+
+
+@pytest.mark.parametrize("policy, train_cases", [("u_ones", 8), ("u_zeros", 8), ("ignore", 6)])
+def test_a_chexpert_site_trains_under_the_jobs_label_policy(tmp_path, chexpert_site, monkeypatch, policy, train_cases):
+    executor, fl_ctx, args = _chexpert_executor(tmp_path, chexpert_site, monkeypatch, label_policy=policy)
+    assert executor._trainer is not None, executor._setup_error
+    assert executor._trainer.num_train_cases == train_cases and executor._trainer.num_test_cases == 2
+    global_weights = {k: v.numpy() for k, v in build_model(args["model"]).state_dict().items()}
+    reply = executor.execute("train", weights_task(global_weights), fl_ctx, Signal())
+    assert reply.get_return_code() == ReturnCode.OK
+    assert from_shareable(reply).get_meta_prop("num_train_cases") == train_cases
+
+
+def test_a_chexpert_site_without_a_label_policy_sends_nothing(tmp_path, chexpert_site, monkeypatch, caplog):
+    with caplog.at_level(logging.ERROR):
+        executor, fl_ctx, _ = _chexpert_executor(tmp_path, chexpert_site, monkeypatch)
+        reply = executor.execute("train", weights_task({"w": np.zeros(1)}), fl_ctx, Signal())
+    assert executor._trainer is None
+    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    assert "the job must choose label_policy" in caplog.text
+
+
+def test_patient_level_dp_sgd_refuses_several_images_per_patient(tmp_path, chexpert_site, monkeypatch):
+    model = _model(["Cardiomegaly"], ["Age", "Sex"], None)
+    executor, _, _ = _chexpert_executor(
+        tmp_path, chexpert_site, monkeypatch, model=model, image_column=None, label_policy="u_ones", views="all",
+        dp_sgd={"noise_multiplier": 1.0, "max_grad_norm": 1.0, "expected_patients_per_step": 2},
+    )
+    assert executor._trainer is None
+    assert "patient-level DP-SGD counts one training case as one patient, but 5 patient(s) have several images" in executor._setup_error
