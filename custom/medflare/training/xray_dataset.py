@@ -9,7 +9,7 @@ to the job's ``image_size`` by :class:`LoadXrayd` when a batch asks for them:
   loader worker, times its prefetch);
 * ``0 < cache_rate <= 1``: MONAI ``CacheDataset``, the first ``cache_rate`` share of the cases is
   read and resized once, when the trainer is built, and kept in RAM
-  (:math:`\\lceil r N \\rceil \\cdot H W \\cdot 4` bytes), the rest is read per batch;
+  (:math:`\\lfloor r N \\rfloor \\cdot H W \\cdot 4` bytes), the rest is read per batch;
 * ``cache_dir``: MONAI ``PersistentDataset``, the resized images are written to that folder
   once and read from there afterwards. An entry's key holds the image's path, size,
   modification time and the ``image_size``, so a changed file or size is read afresh.
