@@ -60,7 +60,7 @@ from medflare.data.data_errors import DataListError
 from medflare.data.data_root_paths import path_in_data_root
 from medflare.data.outcome_table import IGNORE_LABEL, SPLITS, OutcomeCase, check_columns, load_outcome_table
 
-__all__ = ["SEX_CODES", "SiteTable", "detect_table_format", "load_site_table"]
+__all__ = ["SEX_CODES", "SiteTable", "check_site_table", "detect_table_format", "load_site_table"]
 
 #: how CheXpert's ``Sex`` becomes a clinical value
 SEX_CODES = {"Male": 0.0, "Female": 1.0}
@@ -128,10 +128,15 @@ def detect_table_format(path: str) -> tuple[str, str]:
         return "medflare", path
     if "Path" in header and "Frontal/Lateral" in header:
         if os.path.basename(path) == CHEXPERT_VALID:
-            raise DataListError(f"{path} is CheXpert's validation table: name {CHEXPERT_TRAIN} as the datalist ({CHEXPERT_VALID} beside it is the test split)")
+            raise DataListError(
+                f"{path} is CheXpert's validation table: name {CHEXPERT_TRAIN} as the datalist "
+                f"({CHEXPERT_VALID} beside it is the test split)"
+            )
         return "chexpert", path
     if "dicom_id" in header and "ViewPosition" in header:
-        raise DataListError(f"{path} is MIMIC-CXR's metadata table: name the labels table {' or '.join(MIMIC_LABELS)} beside it as the datalist")
+        raise DataListError(
+            f"{path} is MIMIC-CXR's metadata table: name the labels table {' or '.join(MIMIC_LABELS)} beside it as the datalist"
+        )
     if "subject_id" in header and "study_id" in header and any(c in header for c in CHEXPERT_OBSERVATIONS):
         return "mimic_cxr", path
     raise DataListError(
@@ -232,12 +237,43 @@ def load_site_table(
     return _assemble(images, found, description, data_root, image_column is not None, options)
 
 
+def check_site_table(path: str, data_root: str) -> dict:
+    """What a site admin's install can check without a job, for any of the three formats.
+
+    medflare's own table: :func:`~medflare.data.outcome_table.check_outcome_table`. CheXpert
+    and MIMIC: every row of every table is read as a job reading all 14 observations, all
+    views and ``u_ones`` would, and every image is read (:func:`read_xray`).
+
+    Returns:
+        ``{"format": ..., "train": n, "test": m, "images": k}``.
+
+    Raises:
+        DataListError: as :func:`load_site_table` and :func:`read_xray`, naming the file and line.
+    """
+    from medflare.data.outcome_table import check_outcome_table, read_xray
+
+    found, _ = detect_table_format(path)
+    if found == "medflare":
+        return {"format": found, **check_outcome_table(path, data_root)}
+    options = ChestXrayTableOptions(label_policy="u_ones", views="all")
+    table = load_site_table(path, data_root, [], list(CHEXPERT_OBSERVATIONS), "image", options)
+    for case in table.cases["train"] + table.cases["test"]:
+        try:
+            read_xray(case.image)
+        except DataListError as e:
+            raise DataListError(f"{table.description}: case {case.case_id}: {e}") from None
+    counts = {split: len(cases) for split, cases in table.cases.items()}
+    return {"format": found, **counts, "images": counts["train"] + counts["test"]}
+
+
 def _labels(row: dict, label_columns, options, where: str) -> tuple:
     labels = []
     for column in label_columns:
         value = apply_label_policy(row[column], options)
         if value is None:
-            raise DataListError(f"{where}: column {column!r} must be 1.0, 0.0, -1.0 (uncertain) or blank (not mentioned), got {row[column]!r}")
+            raise DataListError(
+                f"{where}: column {column!r} must be 1.0, 0.0, -1.0 (uncertain) or blank (not mentioned), got {row[column]!r}"
+            )
         labels.append(value)
     return tuple(labels)
 
@@ -279,7 +315,9 @@ def _chexpert_images(train: str, data_root, clinical_columns, label_columns, opt
             patient = parts[0]
             if patients.setdefault(patient, (split, where))[0] != split:
                 first = patients[patient][1]
-                raise DataListError(f"{where}: patient {patient} is in both official splits (also at {first}); the split must be by patient")
+                raise DataListError(
+                    f"{where}: patient {patient} is in both official splits (also at {first}); the split must be by patient"
+                )
             orientation = (row["Frontal/Lateral"] or "").strip()
             if orientation not in ("Frontal", "Lateral"):
                 raise DataListError(f"{where}: column 'Frontal/Lateral' must be 'Frontal' or 'Lateral', got {orientation!r}")
@@ -287,7 +325,9 @@ def _chexpert_images(train: str, data_root, clinical_columns, label_columns, opt
             view = (row["AP/PA"] or "").strip().upper() if frontal else "LATERAL"
             path_in_data_root(data_root, relative, f"{where}: column 'Path'")
             labels = _labels(row, label_columns, options, where)
-            images.append(_Image(relative, patient, view, frontal, labels, _clinical(row, clinical_columns, where), relative, where, split if len(sources) > 1 else None))
+            clinical = _clinical(row, clinical_columns, where)
+            official = split if len(sources) > 1 else None
+            images.append(_Image(relative, patient, view, frontal, labels, clinical, relative, where, official))
     official = "train.csv / valid.csv" if len(sources) > 1 else f"no {CHEXPERT_VALID}: a patient split of {CHEXPERT_TRAIN}"
     return images, f"CheXpert table {train} ({official})"
 
@@ -388,7 +428,9 @@ def _assemble(images: list[_Image], table_format, description, data_root, with_i
         if with_image:
             path = path_in_data_root(data_root, image.image, f"{image.where}: image")
             if not os.path.isfile(path):
-                hint = " (CheXpert paths start with the data set's folder: data_root is the folder holding it)" if table_format == "chexpert" else ""
+                hint = ""
+                if table_format == "chexpert":
+                    hint = " (CheXpert paths start with the data set's folder: data_root is the folder holding it)"
                 raise DataListError(f"{image.where}: image {path} does not exist{hint}")
         cases[split].append(OutcomeCase(image.case_id, split, path, image.clinical, image.labels, image.patient))
     for split in SPLITS:

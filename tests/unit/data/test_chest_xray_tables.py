@@ -476,3 +476,15 @@ def test_detection_of_a_folder_holding_neither_and_of_a_missing_file(tmp_path):
 def test_bad_options_are_refused_naming_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         ChestXrayTableOptions(**kwargs)
+
+
+def test_check_site_table_reads_every_image_of_each_format(tmp_path):
+    from medflare.data.chest_xray_tables import check_site_table
+
+    table = make_chexpert(tmp_path / "c")
+    assert check_site_table(table, str(tmp_path / "c")) == {"format": "chexpert", "train": 12, "test": 3, "images": 15}
+    mimic = make_mimic(tmp_path / "m")
+    assert check_site_table(mimic, str(tmp_path / "m")) == {"format": "mimic_cxr", "train": 5, "test": 3, "images": 8}
+    (tmp_path / "m" / "files/p10/p10000764/s57375967/d5-aa.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataListError, match=r"case d5-aa: cannot read image .*d5-aa.jpg"):
+        check_site_table(mimic, str(tmp_path / "m"))
