@@ -3,6 +3,13 @@
 A job names its network once per side as ``{"path": "monai.networks.nets.SegResNet",
 "args": {...}}``: NVFlare's ``PTFileModelPersistor`` takes this form on the server, and the
 medflare executors take it on the sites, so both build the same architecture.
+
+A segmentation job may instead name a MONAI bundle the site installed
+(:mod:`medflare.training.monai_bundles`): ``{"bundle": "brats_mri_segmentation", "version":
+"0.5.3", ..., "network": {"path": ..., "args": ...}}``. The sites build the bundle's network;
+``network`` is its plain equivalent, what the server builds and what the sites check the
+bundle's network against (same parameter names and shapes). :func:`build_model` builds that
+plain equivalent, so a job check or an audit sees the architecture the federation trains.
 """
 
 from __future__ import annotations
@@ -12,7 +19,11 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["DEFAULT_SEGRESNET", "build_model"]
+__all__ = ["BUNDLE_KEY", "BUNDLE_NETWORK_KEY", "DEFAULT_SEGRESNET", "build_model", "is_bundle_spec", "split_bundle_spec"]
+
+#: the key of a model spec naming a site bundle, and the key of its plain network equivalent
+BUNDLE_KEY = "bundle"
+BUNDLE_NETWORK_KEY = "network"
 
 #: A SegResNet small enough to train on a CPU, with BraTS's 4 input and 3 output channels.
 DEFAULT_SEGRESNET = {
@@ -29,14 +40,39 @@ DEFAULT_SEGRESNET = {
 }
 
 
+def is_bundle_spec(spec) -> bool:
+    """Whether ``spec`` names a site bundle (``{"bundle": ...}``) rather than a class."""
+    return isinstance(spec, Mapping) and BUNDLE_KEY in spec
+
+
+def split_bundle_spec(spec: Mapping[str, Any]) -> tuple[dict, dict]:
+    """``(bundle request, plain network spec)`` of a bundle model spec.
+
+    Raises:
+        ValueError: ``network`` is missing or not ``{"path", "args"}``.
+    """
+    request = {k: v for k, v in spec.items() if k != BUNDLE_NETWORK_KEY}
+    network = spec.get(BUNDLE_NETWORK_KEY)
+    if not isinstance(network, Mapping) or not isinstance(network.get("path"), str) or is_bundle_spec(network):
+        raise ValueError(
+            f"a model naming bundle {spec.get(BUNDLE_KEY)!r} needs {BUNDLE_NETWORK_KEY!r}: {{'path': 'package.module.Class', "
+            f"'args': {{...}}}}, the plain network the server builds (the sites check the bundle's network against it), "
+            f"got {network!r}"
+        )
+    return request, dict(network)
+
+
 def build_model(spec: Mapping[str, Any]) -> torch.nn.Module:
-    """Instantiate ``spec["path"]`` with ``spec["args"]``.
+    """Instantiate ``spec["path"]`` with ``spec["args"]``; for a bundle spec, its plain
+    ``network`` (see the module docstring).
 
     Raises:
         ValueError: the spec is malformed, the class cannot be imported, or it is not a
             ``torch.nn.Module``.
         TypeError: the class refuses the arguments.
     """
+    if is_bundle_spec(spec):
+        spec = split_bundle_spec(spec)[1]
     if not isinstance(spec, Mapping) or not isinstance(spec.get("path"), str):
         raise ValueError(f"model must be {{'path': 'package.module.Class', 'args': {{...}}}}, got {spec!r}")
     path = spec["path"]

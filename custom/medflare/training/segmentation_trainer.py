@@ -86,6 +86,9 @@ class SegmentationTrainer:
             has ``batch_size`` subjects, so ``batch_size * crops_per_patient`` crops).
         dp_sgd: :class:`~medflare.privacy.dp_sgd.DPSGDSettings` (or its JSON mapping) to train
             with patient-level DP-SGD by default; ``train(dp_sgd=...)`` may give other settings.
+        val_transform: the validation chain, giving ``image`` (4 channels) and ``label`` (TC, WT,
+            ET) on one grid; None: medflare's ``val_transforms(pixdim)`` (a site bundle's
+            preprocessing: :func:`medflare.training.monai_bundles.bundle_validation_transforms`).
 
     Raises:
         ValueError: an argument out of range.
@@ -111,6 +114,7 @@ class SegmentationTrainer:
         sw_batch_size: int = 2,
         crops_per_patient: int = 1,
         dp_sgd: Optional[DPSGDSettings] = None,
+        val_transform: Optional[Callable] = None,
     ):
         from monai.data import CacheDataset, DataLoader
         from monai.utils import set_determinism
@@ -127,6 +131,8 @@ class SegmentationTrainer:
             raise ValueError(f"learning_rate must be in (0, 1], got {learning_rate!r}")
         if not (isinstance(cache_rate, (int, float)) and 0 <= cache_rate <= 1):
             raise ValueError(f"cache_rate must be in [0, 1], got {cache_rate!r}")
+        if val_transform is not None and not callable(val_transform):
+            raise ValueError(f"val_transform must be None or a callable transform chain, got {val_transform!r}")
         if not train_files or not val_files:
             raise ValueError("train_files and val_files must both be non-empty")
         # labels, grids and finiteness of every volume, before any step; each file once per process
@@ -153,7 +159,8 @@ class SegmentationTrainer:
         self.loss_fn = DiceLoss(smooth_nr=0.0, smooth_dr=1e-5, squared_pred=True, sigmoid=True, batch=True)
         try:
             train_ds = CacheDataset(list(train_files), train_transforms(roi_size, pixdim, crops_per_patient), cache_rate=cache_rate, progress=False)
-            val_ds = CacheDataset(list(val_files), val_transforms(pixdim), cache_rate=cache_rate, progress=False)
+            val_chain = val_transforms(pixdim) if val_transform is None else val_transform
+            val_ds = CacheDataset(list(val_files), val_chain, cache_rate=cache_rate, progress=False)
         except Exception as e:
             # MONAI's message names the transform, not the file: find the file that does not load
             raise _unreadable_file_error(list(train_files) + list(val_files)) or e
