@@ -4,6 +4,17 @@ It adapts :class:`medflare.training.segmentation_trainer.SegmentationTrainer` to
 contract (``train``, ``validate`` with per-region Dice, ``submit_model``), which
 :class:`~medflare.executors.site_training_executor.SiteTrainingExecutor` implements: the site's
 data from the site's configuration, never the job, and nothing sent when anything fails.
+
+A job may name a MONAI bundle the site installed instead of a network class: ``"model":
+{"bundle": "brats_mri_segmentation", "version": "0.5.3", "network_key": "network_def",
+"use_preprocessing": true, "load_weights": false, "network": {"path": ..., "args": ...}}``.
+When the run starts the site resolves the name in its bundle registry
+(:mod:`medflare.training.bundle_registry`: allow-listed, version, checksum), builds the
+bundle's network (:mod:`medflare.training.monai_bundles`) and checks it: 4 input and 3 output
+channels on a ``roi_size`` crop, and the same parameter names and shapes as ``network``, the
+plain spec the server's persistor builds. With ``use_preprocessing`` validation uses the
+bundle's preprocessing (``pixdim`` then does not apply to validation). Any refusal stops every
+task of the run, naming the bundle, the registry file and what differs; nothing is sent.
 """
 
 from __future__ import annotations
@@ -15,7 +26,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from medflare.data.site_data_config import SEGMENTATION
 from medflare.executors.site_training_executor import SiteTrainingExecutor, check_positive_int
-from medflare.training.model_spec import DEFAULT_SEGRESNET
+from medflare.training.model_spec import DEFAULT_SEGRESNET, build_model, is_bundle_spec, split_bundle_spec
 from medflare.training.model_weights import TrainResult
 
 __all__ = ["SegmentationExecutor"]
@@ -38,7 +49,10 @@ class SegmentationExecutor(SiteTrainingExecutor):
     Args:
         model: ``{"path": "...", "args": {...}}`` of the network; must match the server's
             persistor. Defaults to a small SegResNet. (NVFlare builds such a dict into the
-            module before it reaches here; a module is accepted as such.)
+            module before it reaches here; a module is accepted as such.) Or a site bundle's
+            name: ``{"bundle": name, "version": null, "network_key": "network_def",
+            "use_preprocessing": false, "load_weights": false, "network": {"path", "args"}}``
+            (see the module docstring; ``network`` is what the server's persistor builds).
         local_epochs: passes over the local training data per round.
         max_steps_per_round: cap on optimizer steps per round, or None.
         batch_size: training crops per step.
@@ -91,8 +105,17 @@ class SegmentationExecutor(SiteTrainingExecutor):
         crops_per_patient: int = 1,
         dataset: Optional[str] = None,
     ):
+        from medflare.training.bundle_registry import parse_bundle_request
+
+        self._bundle_request = None
+        self._bundle_network_spec = None
+        self._loaded_bundle = None  # resolved at START_RUN, at the site
+        self._bundle_network = None
+        if is_bundle_spec(model):
+            request, self._bundle_network_spec = split_bundle_spec(model)
+            self._bundle_request = parse_bundle_request(request, "model")
         super().__init__(
-            copy.deepcopy(DEFAULT_SEGRESNET) if model is None else model,
+            copy.deepcopy(DEFAULT_SEGRESNET) if model is None else (self._bundle_network_spec or model),
             device=device,
             seed=seed,
             validate_global_model=validate_global_model,
@@ -132,10 +155,69 @@ class SegmentationExecutor(SiteTrainingExecutor):
         self.cache_rate = cache_rate
         check_positive_int("crops_per_patient", crops_per_patient)
         self.crops_per_patient = crops_per_patient
+        if self._bundle_request is not None:
+            self.model = model  # as the job gave it; the plain network is self._bundle_network_spec
 
     @property
     def kind_dataset(self) -> str:
         return SEGMENTATION
+
+    # a site bundle ------------------------------------------------------------------------------
+
+    def _build_network(self):
+        """The site bundle's network once resolved (a copy), else the job's plain network."""
+        if self._bundle_network is not None:
+            return copy.deepcopy(self._bundle_network)
+        if self._bundle_request is not None:
+            return build_model(self._bundle_network_spec)
+        return super()._build_network()
+
+    def _setup(self, fl_ctx) -> None:
+        """Resolve and check the job's bundle at this site (when it names one), then set up as usual."""
+        if self._bundle_request is not None:
+            try:
+                self._resolve_bundle(fl_ctx)
+            except Exception as e:  # a bundle the site cannot vouch for trains nothing
+                self._trainer = None
+                self._loaded_bundle = self._bundle_network = None
+                self._setup_error = f"{fl_ctx.get_identity_name()}: cannot use the job's bundle {self._bundle_request.name!r}: {e}"
+                self.log_error(fl_ctx, self._setup_error)
+                return
+        super()._setup(fl_ctx)
+
+    def _resolve_bundle(self, fl_ctx) -> None:
+        from nvflare.apis.fl_constant import FLContextKey
+
+        from medflare.data.brats_layout import MODALITIES
+        from medflare.training.brats_transforms import REGIONS
+        from medflare.training.monai_bundles import check_network_channels, check_same_architecture, load_bundle
+
+        site = fl_ctx.get_identity_name()
+        workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
+        local_dir = workspace.get_site_config_dir() if workspace is not None else None
+        loaded = load_bundle(self._bundle_request, site, local_dir)
+        network = loaded.build_network()
+        what = f"bundle {loaded.name!r}'s {self._bundle_request.network_key!r}"
+        check_network_channels(network, len(MODALITIES), len(REGIONS), self.roi_size, what)
+        check_same_architecture(network, build_model(self._bundle_network_spec), what, f"the job's network {self._bundle_network_spec['path']}")
+        if self._bundle_request.use_preprocessing:
+            loaded.preprocessing()  # refused now, not when the data is cached
+        self._loaded_bundle, self._bundle_network = loaded, network
+        self.log_info(
+            fl_ctx,
+            f"{site}: bundle {loaded.name!r} version {loaded.bundle.version} from {loaded.bundle.folder} "
+            f"(registry {loaded.bundle.registry}; weights {'loaded' if self._bundle_request.load_weights else 'not loaded'}, "
+            f"preprocessing {'used for validation' if self._bundle_request.use_preprocessing else 'not used'})",
+        )
+
+    def _bundle_val_transform(self):
+        if self._loaded_bundle is None or not self._bundle_request.use_preprocessing:
+            return None
+        from medflare.data.brats_layout import MODALITIES
+        from medflare.training.brats_transforms import val_transforms
+        from medflare.training.monai_bundles import bundle_validation_transforms
+
+        return bundle_validation_transforms(self._loaded_bundle, val_transforms(None), len(MODALITIES))
 
     def _build_trainer(self, config, network):
         from medflare.data.brats_layout import load_datalist
@@ -157,6 +239,7 @@ class SegmentationExecutor(SiteTrainingExecutor):
             seed=self.seed,
             dp_sgd=self._dp_settings,
             crops_per_patient=self.crops_per_patient,
+            val_transform=self._bundle_val_transform(),
         )
 
     def _train_locally(self, trainer, should_abort: Callable[[], bool], dp_sgd=None) -> TrainResult:
