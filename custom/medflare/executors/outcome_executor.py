@@ -205,8 +205,10 @@ class OutcomeExecutor(SiteTrainingExecutor):
         )
         self.logger.info(f"{table.description}: cases per split after each step {table.counts}")
         cases = table.cases
-        if self.dp_sgd is not None:
-            _check_one_case_per_patient(cases["train"], table.description)
+        # kept for a round a site's privacy scope puts under DP-SGD (dp_sgd in _train_locally)
+        self._several_images_per_patient = _several_images_per_patient(cases["train"], table.description)
+        if self.dp_sgd is not None and self._several_images_per_patient:
+            raise DataListError(self._several_images_per_patient)
         return OutcomeTrainer(
             network,
             cases["train"],
@@ -226,6 +228,8 @@ class OutcomeExecutor(SiteTrainingExecutor):
         return self._trainer.sibling(self._build_network())  # the cases are already loaded
 
     def _train_locally(self, trainer, should_abort: Callable[[], bool], dp_sgd=None) -> TrainResult:
+        if (dp_sgd is not None or getattr(trainer, "dp_sgd", None) is not None) and getattr(self, "_several_images_per_patient", None):
+            raise DataListError(self._several_images_per_patient)
         return trainer.train(self.local_epochs, self.local_steps, should_abort, dp_sgd=dp_sgd)
 
     def _dp_sgd_steps_per_round(self, trainer, expected_patients_per_step: int) -> int:
@@ -267,18 +271,19 @@ def _check_table_options(num_labels, table_format, label_policy, blank_labels, v
     return options
 
 
-def _check_one_case_per_patient(cases, description: str) -> None:
-    """Patient-level DP-SGD counts one case as one patient: refuse a table with several
-    training images of one patient (CheXpert, MIMIC) rather than void the guarantee."""
+def _several_images_per_patient(cases, description: str) -> Optional[str]:
+    """Why patient-level DP-SGD cannot train on ``cases`` (several training images of one
+    patient: CheXpert, MIMIC), or None when one case is one patient."""
     counts: dict = {}
     for case in cases:
         if case.patient_id is not None:
             counts[case.patient_id] = counts.get(case.patient_id, 0) + 1
     repeated = {patient: n for patient, n in counts.items() if n > 1}
-    if repeated:
-        patient, n = next(iter(repeated.items()))
-        raise DataListError(
-            f"{description}: patient-level DP-SGD counts one training case as one patient, but {len(repeated)} patient(s) "
-            f"have several images (e.g. {patient}: {n}); the guarantee would not hold. Keep one image per patient "
-            "(e.g. views ['PA'] and one study) in a medflare table, or train without dp_sgd"
-        )
+    if not repeated:
+        return None
+    patient, n = next(iter(repeated.items()))
+    return (
+        f"{description}: patient-level DP-SGD counts one training case as one patient, but {len(repeated)} patient(s) "
+        f"have several images (e.g. {patient}: {n}); the guarantee would not hold. Keep one image per patient "
+        "(e.g. views ['PA'] and one study) in a medflare table, or train without dp_sgd"
+    )

@@ -347,3 +347,16 @@ def test_patient_level_dp_sgd_refuses_several_images_per_patient(tmp_path, chexp
     )
     assert executor._trainer is None
     assert "patient-level DP-SGD counts one training case as one patient, but 5 patient(s) have several images" in executor._setup_error
+
+
+def test_a_round_the_sites_scope_puts_under_dp_sgd_is_refused_too(tmp_path, chexpert_site, monkeypatch):
+    from medflare.data.data_errors import DataListError
+    from medflare.privacy.dp_sgd import parse_dp_sgd_settings
+
+    model = _model(["Cardiomegaly"], ["Age", "Sex"], None)
+    executor, _, _ = _chexpert_executor(tmp_path, chexpert_site, monkeypatch, model=model, image_column=None, label_policy="u_ones")
+    assert executor._trainer is not None, executor._setup_error  # no DP-SGD asked by the job: it loads
+    settings = parse_dp_sgd_settings({"noise_multiplier": 1.0, "max_grad_norm": 1.0, "expected_patients_per_step": 2})
+    with pytest.raises(DataListError, match="3 patient\\(s\\) have several images"):
+        executor._train_locally(executor._trainer, lambda: False, settings)
+    assert executor._train_locally(executor._trainer, lambda: False).steps == 2  # without DP-SGD it trains
