@@ -192,3 +192,15 @@ def _digest(folder):
     from medflare.training.bundle_registry import bundle_digest
 
     return bundle_digest(folder)
+
+
+def test_build_model_of_a_bundle_spec_is_its_plain_network_and_needs_one():
+    from medflare.training.model_spec import is_bundle_spec, split_bundle_spec
+
+    spec = {"bundle": "tiny_brats", "use_preprocessing": True, "network": copy.deepcopy(TINY_BUNDLE_SPEC)}
+    assert is_bundle_spec(spec) and not is_bundle_spec(TINY_BUNDLE_SPEC)
+    assert split_bundle_spec(spec) == ({"bundle": "tiny_brats", "use_preprocessing": True}, TINY_BUNDLE_SPEC)
+    assert set(build_model(spec).state_dict()) == set(build_model(TINY_BUNDLE_SPEC).state_dict())
+    for network in (None, "monai.networks.nets.SegResNet", {"args": {}}, {"bundle": "x"}):
+        with pytest.raises(ValueError, match="needs 'network'"):
+            build_model({"bundle": "tiny_brats", "network": network})
