@@ -60,7 +60,7 @@ from medflare.data.data_errors import DataListError
 from medflare.data.data_root_paths import path_in_data_root
 from medflare.data.outcome_table import IGNORE_LABEL, SPLITS, OutcomeCase, check_columns, load_outcome_table
 
-__all__ = ["SEX_CODES", "SiteTable", "check_site_table", "detect_table_format", "load_site_table"]
+__all__ = ["SEX_CODES", "SiteTable", "UnknownTableError", "check_site_table", "detect_table_format", "load_site_table"]
 
 #: how CheXpert's ``Sex`` becomes a clinical value
 SEX_CODES = {"Male": 0.0, "Female": 1.0}
@@ -139,10 +139,14 @@ def detect_table_format(path: str) -> tuple[str, str]:
         )
     if "subject_id" in header and "study_id" in header and any(c in header for c in CHEXPERT_OBSERVATIONS):
         return "mimic_cxr", path
-    raise DataListError(
+    raise UnknownTableError(
         f"cannot tell which table {path} is: its header is {header[:20]}. medflare's own has case_id and split; "
         "CheXpert's has Path and Frontal/Lateral; MIMIC-CXR's labels have subject_id, study_id and the 14 observations"
     )
+
+
+class UnknownTableError(DataListError):
+    """A datalist file whose header is none of the three formats'."""
 
 
 def _header(path: str) -> list[str]:
@@ -150,9 +154,9 @@ def _header(path: str) -> list[str]:
         with open(path, newline="", encoding="utf-8-sig") as f:
             return next(csv.reader(f), [])
     except FileNotFoundError:
-        raise DataListError(f"table {path} does not exist") from None
+        raise DataListError(f"outcome table {path} does not exist") from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataListError(f"cannot read table {path}: {e}") from None
+        raise DataListError(f"cannot read outcome table {path}: {e}") from None
 
 
 def _read_csv(path: str, needed: Sequence[str], what: str) -> list[tuple[int, dict]]:
@@ -210,7 +214,16 @@ def load_site_table(
     options = options or ChestXrayTableOptions()
     clinical_columns = check_columns("clinical_columns", clinical_columns, allow_empty=image_column is not None)
     label_columns = check_columns("label_columns", label_columns, allow_empty=False)
-    found, table = detect_table_format(path)
+    try:
+        found, table = detect_table_format(path)
+    except UnknownTableError as unknown:
+        if options.table_format not in ("auto", "medflare"):
+            raise
+        try:  # as medflare's own table, for the message a site has always had (its missing columns)
+            load_outcome_table(path, data_root, clinical_columns, label_columns, image_column)
+        except DataListError as e:
+            raise DataListError(f"{e} ({unknown})") from None
+        raise
     if options.table_format not in ("auto", found):
         raise ValueError(f"table_format is {options.table_format!r} but the site's datalist {path} is a {found!r} table")
     if found == "medflare":

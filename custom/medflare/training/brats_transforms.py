@@ -73,15 +73,15 @@ class ReorderChannelsd(MapTransform):
         order = d.pop(self.order_key, None)
         if order is None:
             return d
-        order = [int(i) for i in order] if isinstance(order, (list, tuple)) and not any(isinstance(i, bool) for i in order) else order
+        valid = isinstance(order, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in order)
         for key in self.key_iterator(d):
             channels = d[key].shape[0]
-            if not isinstance(order, list) or sorted(order) != list(range(channels)) or channels != len(MODALITIES):
+            if not valid or sorted(order) != list(range(channels)) or channels != len(MODALITIES):
                 raise ValueError(
                     f"{self.order_key} must be a permutation of the {len(MODALITIES)} channels {list(range(len(MODALITIES)))} "
                     f"of {key!r} (shape {tuple(d[key].shape)}), got {order!r}"
                 )
-            d[key] = d[key][order]
+            d[key] = d[key][list(order)]
         return d
 
 

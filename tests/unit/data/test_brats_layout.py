@@ -182,3 +182,123 @@ def test_incomplete_entries_and_empty_lists_are_refused_naming_the_file(tmp_path
     with pytest.raises(DataListError, match=message) as err:
         load_datalist(datalist, str(tmp_path))
     assert datalist in str(err.value)
+
+
+# label conventions and 4-D images -------------------------------------------------------------
+
+BRATS2021_LABELS = {"0": "background", "1": "necrotic core", "2": "oedema", "4": "enhancing tumour"}
+
+
+def test_make_datalist_records_the_convention_and_its_labels(tmp_path):
+    root = str(tmp_path)
+    for i in range(3):
+        _subject(root, f"S{i}")
+    old = make_datalist(find_brats_subjects(root), base_dir=root)
+    assert (old["label_convention"], old["labels"]) == ("brats2021", BRATS2021_LABELS)
+    new = make_datalist(find_brats_subjects(root), base_dir=root, label_convention="brats2023")
+    assert new["labels"] == {"0": "background", "1": "necrotic core", "2": "oedema", "3": "enhancing tumour"}
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps(new))
+    train, val = load_datalist(str(path), root)
+    assert {e["label_convention"] for e in train + val} == {"brats2023"}
+
+
+def test_make_datalist_writes_one_path_for_a_4d_image(tmp_path):
+    from medflare.data.brats_layout import BratsSubject
+
+    subjects = [BratsSubject(f"B{i}", (str(tmp_path / f"B{i}.nii.gz"),), str(tmp_path / f"B{i}_seg.nii.gz")) for i in range(2)]
+    content = make_datalist(subjects, str(tmp_path), label_convention="msd_task01", modality={"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"})
+    assert {e["image"] for e in content["training"] + content["validation"]} == {"B0.nii.gz", "B1.nii.gz"}
+    assert content["modality"] == {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"val_fraction": True}, r"val_fraction must be a number in \(0, 1\), got True"),
+        ({"val_fraction": float("nan")}, r"val_fraction must be a number in \(0, 1\), got nan"),
+        ({"val_fraction": 1.0}, r"got 1.0"),
+        ({"val_fraction": "0.2"}, r"got '0.2'"),
+        ({"seed": -1}, r"seed must be an int >= 0, got -1"),
+        ({"seed": True}, r"seed must be an int >= 0, got True"),
+        ({"seed": 1.5}, r"got 1.5"),
+        ({"label_convention": "BraTS2021"}, r"label_convention must be one of \['brats2021', 'brats2023', 'msd_task01'\], got 'BraTS2021'"),
+        ({"label_convention": None}, r"label_convention must be one of"),
+    ],
+)
+def test_make_datalist_refuses_bad_arguments_naming_them(tmp_path, kwargs, message):
+    for i in range(3):
+        _subject(str(tmp_path), f"S{i}")
+    with pytest.raises(ValueError, match=message):
+        make_datalist(find_brats_subjects(str(tmp_path)), base_dir=str(tmp_path), **kwargs)
+
+
+def test_make_datalist_refuses_mixed_image_forms_and_a_4d_image_without_modality(tmp_path):
+    from medflare.data.brats_layout import BratsSubject
+
+    four = BratsSubject("A", tuple(str(tmp_path / f"A_{m}.nii.gz") for m in MODALITIES), str(tmp_path / "A_seg.nii.gz"))
+    one = BratsSubject("B", (str(tmp_path / "B.nii.gz"),), str(tmp_path / "B_seg.nii.gz"))
+    with pytest.raises(ValueError, match=r"all have 4 image paths or all one 4-D image path, got \[1, 4\]"):
+        make_datalist([four, one], str(tmp_path))
+    with pytest.raises(ValueError, match=r"modality must name the channels of a 4-D image, got None"):
+        make_datalist([one, one], str(tmp_path), label_convention="msd_task01")
+    with pytest.raises(ValueError, match=r"modality: .*must name 4 channels"):
+        make_datalist([one, one], str(tmp_path), modality={"0": "FLAIR"})
+
+
+@pytest.mark.parametrize(
+    "top, convention",
+    [
+        ({}, "brats2021"),  # a datalist written before conventions were recorded
+        ({"labels": BRATS2021_LABELS}, "brats2021"),
+        ({"labels": {"0": "Background", "1": "NCR", "2": "SNFH", "3": "ET"}}, "brats2023"),
+        ({"label_convention": "msd_task01"}, "msd_task01"),
+        ({"label_convention": "brats2023", "labels": {"0": "background", "1": "NCR", "2": "ED", "3": "ET"}}, "brats2023"),
+    ],
+)
+def test_each_loaded_entry_carries_the_datalists_convention(tmp_path, top, convention):
+    _subject(str(tmp_path), "S0")
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({**top, "training": [_entry("S0/S0")], "validation": [_entry("S0/S0")]}))
+    train, val = load_datalist(str(path), str(tmp_path))
+    assert [e["label_convention"] for e in train + val] == [convention, convention]
+    assert set(train[0]) == {"image", "label", "label_convention"}
+
+
+@pytest.mark.parametrize(
+    "top, message",
+    [
+        ({"labels": {"0": "background", "1": "tumour"}}, r"the 'labels' map \{'0': 'background', '1': 'tumour'\} matches no known tumour label convention"),
+        ({"label_convention": "brats2099"}, r"label_convention must be one of .*got 'brats2099'"),
+        ({"label_convention": "brats2023", "labels": BRATS2021_LABELS}, r"'label_convention' is 'brats2023' but the 'labels' map .* is that of 'brats2021'"),
+        ({"labels": "brats2021"}, r"'labels' must be a non-empty map"),
+    ],
+)
+def test_a_datalist_with_an_unknown_or_contradicting_convention_is_refused_naming_it(tmp_path, top, message):
+    _subject(str(tmp_path), "S0")
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({**top, "training": [_entry("S0/S0")], "validation": [_entry("S0/S0")]}))
+    with pytest.raises(DataListError, match=message) as err:
+        load_datalist(str(path), str(tmp_path))
+    assert str(err.value).startswith(f"datalist {path}: ")
+
+
+def test_a_4d_entry_gets_the_channel_order_of_the_datalists_modality_map(tmp_path):
+    for name in ("imagesTr/B1.nii.gz", "labelsTr/B1.nii.gz"):
+        _touch(str(tmp_path / name))
+    entry = {"image": "imagesTr/B1.nii.gz", "label": "labelsTr/B1.nii.gz"}
+    path = tmp_path / "datalist.json"
+    content = {"label_convention": "msd_task01", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}, "training": [entry], "validation": [entry]}
+    path.write_text(json.dumps(content))
+    train, _ = load_datalist(str(path), str(tmp_path))
+    assert train[0] == {
+        "image": str(tmp_path / "imagesTr/B1.nii.gz"), "label": str(tmp_path / "labelsTr/B1.nii.gz"),
+        "label_convention": "msd_task01", "channel_order": [1, 2, 3, 0],
+    }
+    for modality, message in ((None, r"'modality' must be a map"), ({"0": "T1", "1": "T1", "2": "T2", "3": "FLAIR"}, "once")):
+        path.write_text(json.dumps({**content, "modality": modality}))
+        with pytest.raises(DataListError, match=message):
+            load_datalist(str(path), str(tmp_path))
+    path.write_text(json.dumps({**content, "training": [{**entry, "image": "../../etc/passwd"}]}))
+    with pytest.raises(DataPathError, match=r"training\[0\] image: '../../etc/passwd' resolves to"):
+        load_datalist(str(path), str(tmp_path))

@@ -225,3 +225,83 @@ def test_a_subject_without_one_image_per_modality_is_refused(tmp_path):
     entry = write_subject(tmp_path)
     with pytest.raises(VolumeCheckError, match=r"subject BraTS2021_00007: 3 image\(s\) .*_t1.nii.gz.*; one per modality"):
         check_brats_subject({**entry, "image": entry["image"][:3]})
+
+
+# label conventions and 4-D images (BraTS 2023, MSD Task01) -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "convention, value, accepted",
+    [
+        ("brats2023", 3, True),
+        ("brats2023", 4, False),
+        ("msd_task01", 3, True),
+        ("msd_task01", 4, False),
+        ("brats2021", 4, True),
+        ("brats2021", 3, False),
+    ],
+)
+def test_the_label_values_allowed_are_the_entrys_convention(tmp_path, convention, value, accepted):
+    label = good_arrays()["label"]
+    label[label == 4] = 0
+    label[5, 5, 5] = value
+    entry = {**write_subject(tmp_path, {"label": label}), "label_convention": convention}
+    if accepted:
+        check_brats_subject(entry)
+    else:
+        with pytest.raises(VolumeCheckError, match=rf"value\(s\) \[{value}\] in 1 voxel\(s\), outside the .* labels .*\(label_convention '{convention}'\)"):
+            check_brats_subject(entry)
+
+
+def test_a_label_that_passed_under_one_convention_is_checked_again_under_another(tmp_path):
+    label = good_arrays()["label"]
+    label[label == 4] = 3
+    entry = write_subject(tmp_path, {"label": label})
+    check_brats_subject({**entry, "label_convention": "brats2023"})
+    with pytest.raises(VolumeCheckError, match=r"value\(s\) \[3\] in 1 voxel\(s\), outside the BraTS labels \[0, 1, 2, 4\]"):
+        check_brats_subject({**entry, "label_convention": "brats2021"})
+
+
+@pytest.mark.parametrize("bad", ["brats2099", 4, None])
+def test_an_unknown_convention_is_refused_naming_the_subject(tmp_path, bad):
+    entry = write_subject(tmp_path)
+    with pytest.raises(VolumeCheckError, match=r"subject BraTS2021_00007: label_convention must be one of"):
+        check_brats_subject({**entry, "label_convention": bad})
+
+
+def write_4d_subject(root, channels=4, image_shape=None):
+    image = np.random.default_rng(1).uniform(0, 9, image_shape or SHAPE + (channels,)).astype(np.float32)
+    label = good_arrays()["label"]
+    label[label == 4] = 3
+    os.makedirs(os.path.join(str(root), "imagesTr"), exist_ok=True)
+    os.makedirs(os.path.join(str(root), "labelsTr"), exist_ok=True)
+    paths = [os.path.join(str(root), d, "BRATS_001.nii.gz") for d in ("imagesTr", "labelsTr")]
+    nib.save(nib.Nifti1Image(image, AFFINE), paths[0])
+    nib.save(nib.Nifti1Image(label, AFFINE), paths[1])
+    return {"image": paths[0], "label": paths[1], "label_convention": "msd_task01", "channel_order": [1, 2, 3, 0], "subject": "BRATS_001"}
+
+
+def test_a_4d_msd_image_is_accepted(tmp_path):
+    check_brats_subject(write_4d_subject(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "channels, image_shape, message",
+    [
+        (3, None, r"subject BRATS_001: 4-D image \(4 channels\) .*BRATS_001.nii.gz has shape \(12, 12, 10, 3\); a 4-D image \(x, y, z, 4\)"),
+        (4, SHAPE, r"has shape \(12, 12, 10\); a 4-D image \(x, y, z, 4\)"),
+        (4, (12, 12, 9, 4), r"label .* has shape \(12, 12, 10\), but 4-D image \(4 channels\) .* has \(12, 12, 9, 4\)"),
+    ],
+)
+def test_a_bad_4d_image_is_refused(tmp_path, channels, image_shape, message):
+    with pytest.raises(VolumeCheckError, match=message):
+        check_brats_subject(write_4d_subject(tmp_path, channels, image_shape))
+
+
+def test_a_4d_image_with_a_nan_voxel_is_refused(tmp_path):
+    entry = write_4d_subject(tmp_path)
+    image = np.asanyarray(nib.load(entry["image"]).dataobj).copy()
+    image[0, 1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(image, AFFINE), entry["image"])
+    with pytest.raises(VolumeCheckError, match=r"4-D image .* 1 NaN and 0 infinite voxel\(s\), the first at voxel \(0, 1, 2, 3\)"):
+        check_brats_subject(entry)

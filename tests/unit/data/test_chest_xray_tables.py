@@ -259,8 +259,9 @@ def test_missing_columns_are_listed_with_a_suggestion(tmp_path):
     (tmp_path / "t").mkdir()
     header = [c if c != "Frontal/Lateral" else "Frontal_Lateral" for c in CHEXPERT_HEADER]
     table = write_csv(tmp_path / "t" / "train.csv", header, TRAIN)
-    with pytest.raises(DataListError, match="cannot tell which table"):  # no longer CheXpert's header
+    with pytest.raises(DataListError) as raised:  # no longer CheXpert's header: read as medflare's, whose message leads
         load(table, tmp_path, label_policy="u_ones")
+    assert re.search(r"outcome table .*train.csv lacks column\(s\) \['case_id', 'split'.*\(cannot tell which table", str(raised.value))
     header = [c if c != CARDIO else "Cardiomegally" for c in CHEXPERT_HEADER if c != "AP/PA"]
     table = write_csv(tmp_path / "t" / "train.csv", header, [r[:4] + r[5:] for r in TRAIN])
     with pytest.raises(DataListError, match=re.escape("lacks column(s) ['AP/PA', 'Cardiomegaly']") + ".*did you mean 'Cardiomegally'"):
@@ -441,10 +442,10 @@ def test_detection_of_a_folder_holding_neither_and_of_a_missing_file(tmp_path):
     (tmp_path / "x.txt").write_text("")
     with pytest.raises(DataListError, match=re.escape("holding neither CheXpert's train.csv nor a MIMIC-CXR labels file") + r".*\['x.txt'\]"):
         detect_table_format(str(tmp_path))
-    with pytest.raises(DataListError, match="table .*none.csv does not exist"):
+    with pytest.raises(DataListError, match="outcome table .*none.csv does not exist"):
         detect_table_format(str(tmp_path / "none.csv"))
     (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00garbage\x81")
-    with pytest.raises(DataListError, match="cannot read table"):
+    with pytest.raises(DataListError, match="cannot read outcome table"):
         detect_table_format(str(tmp_path / "bin.csv"))
 
 
