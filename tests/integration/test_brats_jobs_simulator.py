@@ -53,6 +53,19 @@ def test_fedavg_jobs_run_in_the_simulator(tmp_path, name):
     assert set(state) == set(initial)
     moved = sum(float((torch.as_tensor(state[k]).float() - initial[k].float()).abs().sum()) for k in initial)
     assert moved > 0
+    # the server exported the final and best global models at END_RUN, each checked against the network
+    app_server = os.path.dirname(model_path)
+    with open(os.path.join(app_server, "model_exports.json")) as f:
+        exports = json.load(f)["models"]
+    for stem in ("FL_global_model", "best_FL_global_model"):
+        entry = exports[f"{stem}.pt"]
+        assert entry["status"] == "exported" and entry["passed"], entry
+        for fmt, suffix in (("torchscript", ".torchscript.pt"), ("onnx", ".onnx")):
+            assert entry["formats"][fmt]["passed"] and entry["formats"][fmt]["max_abs_error"] < 1e-4
+            assert os.path.isfile(os.path.join(app_server, stem + suffix))
+        with open(os.path.join(app_server, f"{stem}.export.json")) as f:
+            assert json.load(f)["input_shapes"] == [[1, 4, 32, 32, 32]]
+    assert any(line.startswith("  FL_global_model.pt onnx:") and "agrees" in line for line in lines)
 
     # every round recorded both sites' training and the global model's validation Dice
     records = result["records"]

@@ -16,6 +16,9 @@ Workspace layout (default ``./workspace``)::
     workspace/runs/<job>/summary.txt         the closing table
     workspace/runs/<job>/exam_report.md      EXAM's measures, for jobs whose cross-site evaluation
                                              scored each site's own model (also .json, .csv, .png)
+    workspace/simulation/<job>/server/simulate_job/app_server/
+                                             the global models and their TorchScript/ONNX exports
+                                             (model_exports.json: printed after the run)
 
 The job folder is used unchanged; only ``--rounds`` makes a patched copy (``runs/<job>/job``).
 Before anything runs, the job goes through ``medflare job check`` (:mod:`medflare.jobs.job_check`,
@@ -332,6 +335,10 @@ def run_job(opts: RunOptions, log=_print) -> dict:
         report_paths = write_report(measures, run_dir)
         log(f"report: {report_paths['md']}, heatmap: {report_paths.get('png', 'none (needs matplotlib)')}")
     log(f"global models: {os.path.join(server_run_dir, 'app_server')}")
+    from medflare.export.global_model_exporter import export_summary_lines
+
+    for line in export_summary_lines(os.path.join(server_run_dir, "app_server")):
+        log(line)
     tracking_dir = os.path.join(server_run_dir, "tb_events")
     if os.path.isdir(tracking_dir):
         log(f"TensorBoard: tensorboard --logdir {tracking_dir}")

@@ -7,7 +7,7 @@ sites' encrypting scopes, covers every network they check). Each function return
 so a caller may change what it gets without touching another job.
 
 Two assemblers give the configs their fixed shape: :func:`server_app` (persistor, shareable
-generator, aggregator, model selector, locator and the two reporting widgets, then
+generator, aggregator, model selector, locator, the two reporting widgets and the model exporter, then
 ScatterAndGather and an evaluation workflow) and :func:`client_app` (one executor answering
 ``train``, ``validate`` and ``submit_model``, then the job's own filters).
 """
@@ -39,6 +39,8 @@ __all__ = [
     "model_locator",
     "round_metrics_writer",
     "validation_json_generator",
+    "model_exporter",
+    "with_model_export",
     "scatter_and_gather",
     "global_model_eval",
     "cross_site_model_eval",
@@ -224,6 +226,28 @@ def validation_json_generator() -> dict:
         "path": "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator",
         "args": {},
     }
+
+
+def model_exporter(inputs: dict) -> dict:
+    """Exports the final and best global models to TorchScript and ONNX when the run ends,
+    each checked against the network on a sample input of ``inputs`` (``{name: shape}``)."""
+    return {
+        "id": "model_exporter",
+        "path": "medflare.export.global_model_exporter.GlobalModelExporter",
+        "args": {"inputs": copy.deepcopy(inputs), "persistor_id": _PERSISTOR_ID},
+    }
+
+
+def with_model_export(server: dict, client: dict) -> dict:
+    """A copy of ``server`` whose components end in :func:`model_exporter`, its sample input
+    derived from ``client``'s executor and the server's network
+    (:func:`medflare.export.job_model.job_export_inputs`)."""
+    from medflare.export.job_model import job_export_inputs
+
+    _, inputs = job_export_inputs(server, client)
+    config = copy.deepcopy(server)
+    config["components"].append(model_exporter(inputs))
+    return config
 
 
 # --- server workflows ------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def brats_segmentation(
         _executor(privacy, local_epochs, learning_rate, batch_size), *_job_filters(privacy, num_rounds)
     )
     scope = parts.SECURE_AGGREGATION_SCOPE if privacy == "he" else None
-    return JobDefinition(name, min_clients, server, client, scope)
+    return JobDefinition(name, min_clients, parts.with_model_export(server, client), client, scope)
 
 
 def _check_combination(aggregation: str, privacy: str, num_rounds: int) -> None:

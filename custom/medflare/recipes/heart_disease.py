@@ -131,7 +131,7 @@ def heart_disease(
     client = parts.client_app(_executor(privacy, local_steps, learning_rate, batch_size), *filters)
     server = _server(aggregation, privacy, num_rounds, min_clients, evaluation)
     scope = parts.SECURE_AGGREGATION_SCOPE if privacy == "he" else None
-    return JobDefinition(name, min_clients, server, client, scope)
+    return JobDefinition(name, min_clients, parts.with_model_export(server, client), client, scope)
 
 
 def _default_learning_rate(aggregation: str, privacy: str) -> float:

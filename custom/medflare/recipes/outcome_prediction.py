@@ -134,7 +134,7 @@ def outcome_prediction(
     if privacy == "dpsgd":
         filters = parts.patient_dp_sgd_filters(parts.releasing_tasks(evaluation), **_DP_SGD, **_DP_SGD_FILTER)
     client = parts.client_app(_executor(privacy, training), *filters)
-    return JobDefinition(name, min_clients, server, client)
+    return JobDefinition(name, min_clients, parts.with_model_export(server, client), client)
 
 
 def _network(privacy: str) -> dict:
