@@ -126,7 +126,7 @@ def detect_tumour_layout(root: str) -> LayoutReport:
             + ". Point the datalist at one of them (a folder holding one layout)"
         )
     if not found:
-        raise DataListError(f"no brain-tumour data layout found in {root}: {scan['seen']}. {_EXPECTED}")
+        raise DataListError(f"no brain-tumour data layout found in {root}: {scan['seen']}{scan['hints']}. {_EXPECTED}")
     kind, (subjects, _) = next(iter(found.items()))
     if kind == "msd_task01":
         if len(scan["dataset_json"]) > 1:
@@ -175,17 +175,19 @@ def _scan(root: str) -> dict:
     else:
         common = ", ".join(f"*{s} ({n})" for s, n in suffixes.most_common(8))
         seen = f"found {folders_with_nifti} folder(s) with .nii/.nii.gz files, names ending in {common or 'no _/- suffix'}"
-        for label, names in (("BraTS 2018-2021", [f"_{m}" for m in MODALITIES]), ("BraTS 2023", [f"-{m}" for m in MODALITY_SUFFIXES])):
-            missing = [n for n in names if n not in suffixes]
-            present = [n for n in names if n in suffixes]
-            if present and missing:
-                seen += f"; {label}: no folder has *{', *'.join(missing)}"
-            elif present:
-                seen += f"; {label}: no folder has all of *{', *'.join(names)}"
+    hints = ""  # why neither BraTS layout matched, for the refusal only
+    for label, names in (("BraTS 2018-2021", [f"_{m}" for m in MODALITIES]), ("BraTS 2023", [f"-{m}" for m in MODALITY_SUFFIXES])):
+        missing = [n for n in names if n not in suffixes]
+        present = [n for n in names if n in suffixes]
+        if present and missing:
+            hints += f"; {label}: no folder has *{', *'.join(missing)}"
+        elif present:
+            hints += f"; {label}: no folder has all of *{', *'.join(names)}"
     if dataset_json:
         seen += f"; {len(dataset_json)} dataset.json"
     return {
         "seen": seen,
+        "hints": hints,
         "dataset_json": dataset_json,
         "incomplete_legacy": tuple(incomplete_legacy),
         "incomplete_2023": tuple(incomplete_2023),

@@ -264,3 +264,8 @@ def test_msd_labels_holding_4_are_refused(tmp_path):
 def test_msd_labels_spelled_otherwise_are_matched_case_insensitively(tmp_path):
     msd_task(tmp_path, labels={"0": "Background", "1": "EDEMA", "2": "Non-Enhancing Tumor", "3": "Enhancing-Tumor"})
     assert detect_tumour_layout(str(tmp_path)).label_convention == "msd_task01"
+
+
+def test_the_seen_line_of_a_found_layout_carries_no_refusal_hints(tmp_path):
+    report = detect_tumour_layout(brats2023_root(tmp_path))
+    assert report.seen.startswith("found 6 folder(s) with .nii/.nii.gz files, names ending in ") and "no folder has" not in report.seen
