@@ -67,7 +67,7 @@ import numpy as np
 import torch
 
 from medflare.data.data_errors import DataListError
-from medflare.data.outcome_table import OutcomeCase
+from medflare.data.outcome_table import IGNORE_LABEL, OutcomeCase
 from medflare.privacy.dp_sgd import (
     DPSGDSettings,
     dp_sgd_record,
@@ -93,7 +93,6 @@ __all__ = [
     "OutcomeTrainer",
     "NORMALISATIONS",
     "OPTIMIZERS",
-    "MASKED_LABEL",
     "check_data_arguments",
     "check_training_arguments",
     "classification_metrics",
@@ -102,8 +101,6 @@ __all__ = [
 
 NORMALISATIONS = ("none", "site")
 OPTIMIZERS = ("adam", "sgd")
-#: a label value meaning "no label for this case" (ignored by the loss and the metrics)
-MASKED_LABEL = -1
 
 
 def _positive_int(name: str, value) -> int:
@@ -146,14 +143,14 @@ def check_data_arguments(
 
 
 def masked_bce_with_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean binary cross-entropy over the entries whose label is not :data:`MASKED_LABEL`.
+    """Mean binary cross-entropy over the entries whose label is not :data:`IGNORE_LABEL`.
 
     :math:`L = \sum m_{ik} \ell(z_{ik}, y_{ik}) / \max(1, \sum m_{ik})` with
     :math:`m_{ik} = 1[y_{ik} \ne -1]`: a masked entry adds zero loss and zero gradient; a batch
     with every entry masked has loss 0. No data-dependent branch, so ``torch.func.vmap`` (DP-SGD's
     per-sample losses) can run it.
     """
-    mask = (labels != MASKED_LABEL).to(logits.dtype)
+    mask = (labels != IGNORE_LABEL).to(logits.dtype)
     per_entry = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.clamp(min=0), reduction="none")
     return (per_entry * mask).sum() / mask.sum().clamp(min=1)
 
@@ -176,7 +173,7 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, label_
     probabilities = np.asarray(probabilities, dtype=np.float64).reshape(len(probabilities), -1)
     aucs, accuracies = [], []
     for k in range(labels.shape[1]):
-        kept = labels[:, k] != MASKED_LABEL
+        kept = labels[:, k] != IGNORE_LABEL
         y, p = labels[kept, k], probabilities[kept, k]
         aucs.append(float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else math.nan)
         accuracies.append(float(accuracy_score(y, (p > 0.5).astype(y.dtype))) if len(y) else math.nan)
@@ -281,7 +278,7 @@ class OutcomeTrainer:
                     f"label_names has {len(self.label_names)}"
                 )
             for case in cases:
-                if any(isinstance(v, bool) or v not in (0, 1, MASKED_LABEL) for v in case.labels):
+                if any(isinstance(v, bool) or v not in (0, 1, IGNORE_LABEL) for v in case.labels):
                     raise DataListError(f"{split} case {case.case_id!r}: labels must be 0, 1 or -1 (no label), got {case.labels!r}")
             if self.uses_image and any(c.image is None for c in cases):
                 raise ValueError(f"the model takes an image but {split} cases have none (no image column?)")
@@ -314,7 +311,7 @@ class OutcomeTrainer:
             "test": self.test_data["image"].dataset if streamed else None,
         }
         # an unmasked table keeps the exact loss it always had (bit for bit)
-        masked = bool((self.train_data["labels"] == MASKED_LABEL).any())
+        masked = bool((self.train_data["labels"] == IGNORE_LABEL).any())
         self.loss_fn = masked_bce_with_logits if masked else torch.nn.BCEWithLogitsLoss()
         if self.uses_clinical and clinical_normalisation == "site":
             clinical = self.train_data["clinical"]

@@ -12,7 +12,9 @@ to the job's ``image_size`` by :class:`LoadXrayd` when a batch asks for them:
   (:math:`\\lfloor r N \\rfloor \\cdot H W \\cdot 4` bytes), the rest is read per batch;
 * ``cache_dir``: MONAI ``PersistentDataset``, the resized images are written to that folder
   once and read from there afterwards. An entry's key holds the image's path, size,
-  modification time and the ``image_size``, so a changed file or size is read afresh.
+  modification time and the ``image_size``, so a changed file or size is read afresh (for a
+  DICOM series folder: the folder's, which changes when a file is added or removed, not when
+  one is rewritten in place; clear the cache after editing a series).
 
 :func:`check_xrays` is the quality-control pass the streamed trainer runs by default: every
 image is read once (in ``num_workers`` processes) and dropped, so a corrupt file is refused
