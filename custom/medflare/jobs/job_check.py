@@ -433,9 +433,14 @@ def _training_cases(site_workspace: str, executor) -> int:
 
     site = open_site(site_workspace, dataset=executor.dataset_name, dataset_from=executor.dataset_origin)
     datalist, root = site.data.datalist, site.data.data_root
-    if datalist.lower().endswith(".csv"):
+    if datalist.lower().endswith(".csv") or os.path.isdir(datalist):
+        from medflare.data.chest_xray_tables import detect_table_format
         from medflare.data.outcome_table import count_cases
 
+        table_format, _ = detect_table_format(datalist)
+        if table_format != "medflare":
+            # the outcome executor refuses DP-SGD there: one case is not one patient
+            raise ValueError(f"a {table_format} table holds several images per patient; patient-level DP-SGD is refused on it")
         return count_cases(datalist)["train"]
     training, _ = load_datalist(datalist, root)
     return len(training)

@@ -208,6 +208,13 @@ def _data_locations(given: str, data: str, data_root: Optional[str]) -> list[tup
     path = os.path.abspath(data)
     base = os.path.dirname(path)
     content = {}
+    if os.path.isdir(path) and _is_outcome_table(path):
+        from medflare.data.chest_xray_tables import detect_table_format
+
+        # CheXpert's paths start with its folder's name; MIMIC-CXR-JPG's with files/ inside it
+        table_format, _ = detect_table_format(path)
+        default_root = base if table_format == "chexpert" else path
+        return [(None, os.path.abspath(data_root) if data_root is not None else default_root, path)]
     if not path.lower().endswith(".csv"):
         try:
             content = read_json_object(path, "--data")
@@ -232,6 +239,21 @@ def _data_locations(given: str, data: str, data_root: Optional[str]) -> list[tup
     return [(None, os.path.abspath(data_root) if data_root is not None else base, path)]
 
 
+def _is_outcome_table(datalist: str) -> bool:
+    """A CSV, or a folder holding CheXpert's ``train.csv`` or a MIMIC-CXR labels file."""
+    if datalist.lower().endswith(".csv"):
+        return True
+    if not os.path.isdir(datalist):
+        return False
+    from medflare.data.chest_xray_tables import detect_table_format
+
+    try:
+        detect_table_format(datalist)
+    except DataListError:
+        return False
+    return True
+
+
 def _check_data(given: str, root: str, datalist: str) -> tuple[str, str]:
     """Check every file ``datalist`` names, content included, as the site's trainer will.
 
@@ -240,13 +262,13 @@ def _check_data(given: str, root: str, datalist: str) -> tuple[str, str]:
         datalist, ``outcome_image`` for an outcome table with images, else ``outcome_table``.
     """
     try:
-        if datalist.lower().endswith(".csv"):  # an outcome table (medflare.data.outcome_table)
-            from medflare.data.outcome_table import check_outcome_table
+        if _is_outcome_table(datalist):  # medflare's own table, CheXpert or MIMIC-CXR-JPG
+            from medflare.data.chest_xray_tables import check_site_table
 
-            counts = check_outcome_table(datalist, root)
+            counts = check_site_table(datalist, root)
             kind = OUTCOME_IMAGE if counts["images"] > 0 else OUTCOME_TABLE
             return kind, (
-                f"outcome table {datalist}: {counts['train']} training and {counts['test']} test cases, "
+                f"outcome table {datalist} ({counts['format']}): {counts['train']} training and {counts['test']} test cases, "
                 f"{counts['images']} images under {root}"
             )
         training, validation = load_datalist(datalist, root, check_files=True)

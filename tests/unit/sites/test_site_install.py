@@ -487,3 +487,25 @@ def test_site_show_lists_the_budget(tmp_path, tiny_sites, capsys):
     assert main(["site", "show", "--workspace", str(ws)]) == 0
     out = capsys.readouterr().out
     assert "site budget: max_epsilon 8 at delta 1e-05 (rdp)" in out and "epsilon spent 0" in out
+
+
+def test_a_chexpert_download_is_checked_and_installed_as_it_ships(tmp_path):
+    from tests.unit.data.test_chest_xray_tables import make_chexpert
+
+    from medflare.data.site_data_config import read_site_datasets
+
+    make_chexpert(tmp_path / "chexpert")
+    folder = tmp_path / "chexpert" / "CheXpert-v1.0-small"
+    ws = _workspace(tmp_path)
+    plan = install_site(str(ws), "research", str(folder), gpus=0, gpu_memory_gib=0)
+    (entry,) = read_site_datasets(str(ws / "local" / "medflare_data.json"))
+    # CheXpert's paths start with its folder's name: the data root is the folder holding it
+    assert (entry.dataset, entry.data_root, entry.datalist) == ("outcome_image", str(tmp_path / "chexpert"), str(folder))
+    assert any("(chexpert): 12 training and 3 test cases, 15 images" in line for line in plan.summary)
+
+    # an image of the download that is missing is found before anything is written
+    os.remove(folder / "valid" / "patient64542" / "study1" / "view1_frontal.jpg")
+    other = _workspace(tmp_path, name="site-2")
+    with pytest.raises(InstallError, match="view1_frontal.jpg"):
+        install_site(str(other), "research", str(folder / "train.csv"), data_root=str(tmp_path / "chexpert"), gpus=0, gpu_memory_gib=0)
+    assert not (other / "local" / "medflare_data.json").exists()
