@@ -94,7 +94,9 @@ def small_job(
             for executor in client["executors"]:
                 args = executor["executor"]["args"]
                 if shrink:
-                    args["model"]["args"].update(SMALL_NETWORK)
+                    # a bundle model names its bundle and carries the server's plain network beside it
+                    model = args["model"]["network"] if "bundle" in args["model"] else args["model"]
+                    model["args"].update(SMALL_NETWORK)
                     args.update({"local_epochs": 1, "roi_size": [16, 16, 16], "val_roi_size": [32, 32, 32]})
                 if local_steps is not None:
                     args["max_steps_per_round" if shrink else "local_steps"] = local_steps
