@@ -14,6 +14,9 @@
     medflare job check JOB_DIR [--profile NAME | --site-workspace DIR]
     medflare --version
     medflare model decrypt MODEL_PT --key CLIENT_CONTEXT --job JOB_DIR [--out OUT_PT]
+    medflare prepare segmentation --datalist D --data-root R --out OUT [--spacing X Y Z] [--normalise zscore|none]
+    medflare prepare xray --table T --data-root R --out OUT [--size 256|keep]
+    medflare prepare report OUT | --report OUT
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Optional, Sequence
 from medflare.cli.audit import add_audit_parser
 from medflare.cli.job import add_job_parser
 from medflare.cli.model import add_model_parser
+from medflare.cli.prepare import add_prepare_parser
 from medflare.cli.report import add_report_parser
 from medflare.cli.site import add_site_parser
 
@@ -100,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_parser(sub)
     add_job_parser(sub)
     add_model_parser(sub)
+    add_prepare_parser(sub)
     return parser
 
 
@@ -203,12 +208,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from medflare.cli.audit import run_audit_command
     from medflare.cli.job import run_job_command
     from medflare.cli.model import run_model_command
+    from medflare.cli.prepare import run_prepare_command
     from medflare.cli.report import run_report_command
     from medflare.cli.site import run_site_command
     from medflare.optional_dependencies import MissingDependency
     from medflare.sites.site_install import InstallError
 
-    handlers = {"data": _data, "run": _run, "budget": _budget, "site": run_site_command, "report": run_report_command, "audit": run_audit_command, "job": run_job_command, "model": run_model_command}
+    handlers = {"data": _data, "run": _run, "budget": _budget, "site": run_site_command, "report": run_report_command, "audit": run_audit_command, "job": run_job_command, "model": run_model_command, "prepare": run_prepare_command}
     try:
         return handlers[args.command](args)
     except (JobRunError, DataListError, InstallError, AuditError, MissingDependency, ValueError) as e:
