@@ -129,6 +129,10 @@ class TargetPlan:
         return self.rounds * self.steps_per_round * self.runs
 
 
+class _PreparationRefusal(Exception):
+    """The site's data is not the preparation the job requires; the message is the refusal."""
+
+
 def _non_finite_keys(weights: dict) -> list[str]:
     """Keys of the floating-point entries holding a NaN or an infinity."""
     return [k for k, v in weights.items() if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
@@ -158,6 +162,13 @@ class SiteTrainingExecutor(Executor):
         dataset: the name of the site's data set this job trains on, looked up in the site's
             data configuration (:mod:`medflare.data.site_data_config`); the job still names no
             path. Null: the name of the executor's kind (:attr:`kind_dataset`).
+        required_preparation: null, or ``{"name": "medflare-brats-prep", "version": ">=1.0,<2"
+            [, "parameters_hash": "<sha256>"]}``: the site's data set must have been prepared by
+            ``medflare prepare`` with that preparation, and be unchanged since. Checked when the
+            data is first loaded, against ``medflare_preparation.json`` in the data set's
+            ``data_root`` (:func:`medflare.preparation.verification.verify_preparation`, every
+            file the datalist names, full sha256 once per process and file state); a site that
+            fails refuses every task, nothing trained or sent, and its log says what to re-run.
     """
 
     #: the metric logged after each round (a key of the trainer's ``validate`` result)
@@ -175,6 +186,7 @@ class SiteTrainingExecutor(Executor):
         submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
         dp_sgd: Optional[dict] = None,
         dataset: Optional[str] = None,
+        required_preparation: Optional[dict] = None,
     ):
         super().__init__()
         if not isinstance(model, torch.nn.Module) and not (isinstance(model, dict) and isinstance(model.get("path"), str)):
@@ -199,6 +211,10 @@ class SiteTrainingExecutor(Executor):
 
             check_dataset_name(dataset, "dataset (the site's data set name, or null for the executor kind's)")
         self.dataset = dataset
+        from medflare.preparation.verification import check_required_preparation
+
+        check_required_preparation(required_preparation, "required_preparation")
+        self.required_preparation = required_preparation
         self.model = model
         self.device = device
         self.seed = seed
@@ -299,6 +315,7 @@ class SiteTrainingExecutor(Executor):
         try:
             config = resolve_site_data_config(site, local_dir, dataset=self.dataset_name, dataset_from=self.dataset_origin)
             source = config.source
+            self._verify_preparation(config, site)
             self._trainer = self._build_trainer(config, self._build_network())
             if self.local_model == "site_only":
                 self._site_only_trainer = self._build_site_only_trainer(config)
@@ -315,7 +332,7 @@ class SiteTrainingExecutor(Executor):
             )
         except Exception as e:  # any failure here must stop the site from sending anything
             self._trainer = None
-            self._setup_error = f"{site}: cannot load the site's data ({source}): {e}"
+            self._setup_error = str(e) if isinstance(e, _PreparationRefusal) else f"{site}: cannot load the site's data ({source}): {e}"
             self.log_error(fl_ctx, self._setup_error)
             return
         try:
@@ -324,6 +341,20 @@ class SiteTrainingExecutor(Executor):
             self._trainer = None
             self._setup_error = f"{site}: {e}"
             self.log_error(fl_ctx, self._setup_error)
+
+    def _verify_preparation(self, config, site: str) -> None:
+        """Refuse (:class:`_PreparationRefusal`) data that is not the job's ``required_preparation``."""
+        if self.required_preparation is None:
+            return
+        from medflare.preparation.verification import PreparationMismatch, verify_preparation
+
+        try:
+            verify_preparation(config.data_root, self.required_preparation, datalist=config.datalist)
+        except PreparationMismatch as e:
+            raise _PreparationRefusal(
+                f"{site}: data set {self.dataset_name!r} does not meet the job's required_preparation "
+                f"{self.required_preparation}: {e}. Every task is refused, nothing trained or sent"
+            ) from None
 
     def _restore_state(self, fl_ctx: FLContext) -> None:
         """Take back what this executor saved in this job before it was rebuilt, if anything."""
