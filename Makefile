@@ -2,7 +2,7 @@
 VENV := .venv
 STAMP := $(VENV)/.medflare-installed
 
-.PHONY: check-minimum-versions setup demo test test-unit bench bench-heart bench-dpsgd bench-frontier bench-audit bench-he bench-ddp clean
+.PHONY: check-minimum-versions setup demo test test-unit bench bench-heart bench-dpsgd bench-frontier bench-audit bench-he bench-ddp bench-outcome-data clean
 
 $(STAMP): setup.cfg pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -46,6 +46,10 @@ bench-ddp: $(STAMP)
 bench-frontier: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/python benchmarks/privacy_utility_frontier.py
 	$(VENV)/bin/python benchmarks/heart_disease.py
+
+# peak memory of an outcome site at 5,000 radiographs: images held in memory against streamed
+bench-outcome-data: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/python benchmarks/outcome_data_memory.py
 
 # the lowest version every pin allows, in a fresh .venv-minimum, then the unit tests there
 check-minimum-versions:

@@ -155,10 +155,12 @@ def _outcome_cases(executor, datalist: str) -> SiteCases:
         parts = [trainer.train_data[key], trainer.test_data[key]]
         return None if parts[0] is None else torch.cat([p.detach().cpu() for p in parts])
 
+    # read through the trainer, so a site that streams its images is audited the same way
+    images = [trainer.read_images(split, range(n)) for split, n in (("train", trainer.num_train_cases), ("test", trainer.num_test_cases))]
     return SiteCases(
         ids=[r["case_id"].strip() for r in ordered],
         split=[r["split"].strip() for r in ordered],
-        images=joined("image"),
+        images=None if images[0] is None else torch.cat(images),
         clinical=joined("clinical"),
         labels=joined("labels"),
         rows=ordered,

@@ -26,7 +26,7 @@ from medflare.data.outcome_table import check_columns
 from medflare.data.site_data_config import OUTCOME_IMAGE, OUTCOME_TABLE
 from medflare.executors.site_training_executor import SiteTrainingExecutor, check_positive_int
 from medflare.training.model_weights import TrainResult
-from medflare.training.outcome_trainer import check_training_arguments
+from medflare.training.outcome_trainer import check_data_arguments, check_training_arguments
 
 __all__ = ["OutcomeExecutor"]
 
@@ -111,6 +111,12 @@ class OutcomeExecutor(SiteTrainingExecutor):
         views=None,
         test_fraction: float = 0.2,
         split_seed: int = 0,
+        data_loading: str = "memory",
+        cache_rate: float = 0.0,
+        num_workers: int = 0,
+        check_images: bool = True,
+        augmentation=None,
+        amp: bool = False,
     ):
         super().__init__(
             model,
@@ -133,6 +139,10 @@ class OutcomeExecutor(SiteTrainingExecutor):
         check_positive_int("local_epochs", local_epochs)
         check_positive_int("local_steps", local_steps, allow_none=True)
         check_training_arguments(image_size, batch_size, learning_rate, optimizer, clinical_normalisation)
+        # no cache_dir from the job: a job must not choose where a site writes files
+        check_data_arguments(data_loading, cache_rate, None, num_workers, check_images, augmentation, amp)
+        if augmentation not in (None, False) and image_column is None:
+            raise ValueError(f"augmentation {augmentation!r} needs an image: this job has no image_column")
         self._check_model_fits(len(label_columns), len(clinical_columns), image_column is not None)
         self._table_options = _check_table_options(
             len(label_columns), table_format, label_policy, blank_labels, views, test_fraction, split_seed
@@ -154,6 +164,12 @@ class OutcomeExecutor(SiteTrainingExecutor):
         self.views = views
         self.test_fraction = test_fraction
         self.split_seed = split_seed
+        self.data_loading = data_loading
+        self.cache_rate = cache_rate
+        self.num_workers = num_workers
+        self.check_images = check_images
+        self.augmentation = augmentation
+        self.amp = amp
 
     @property
     def kind_dataset(self) -> str:
@@ -222,6 +238,12 @@ class OutcomeExecutor(SiteTrainingExecutor):
             device=self.device,
             seed=self.seed,
             dp_sgd=self._dp_settings,
+            data_loading=self.data_loading,
+            cache_rate=self.cache_rate,
+            num_workers=self.num_workers,
+            check_images=self.check_images,
+            augmentation=None if self.augmentation is False else self.augmentation,
+            amp=self.amp,
         )
 
     def _build_site_only_trainer(self, config):
@@ -256,17 +278,6 @@ def _check_table_options(num_labels, table_format, label_policy, blank_labels, v
             raise ValueError(
                 f"table_format 'medflare' takes no CheXpert/MIMIC table arguments (its table already holds the site's "
                 f"split, views and 0/1 labels), got {given!r}"
-            )
-    if num_labels > 1 and "ignore" in (label_policy, blank_labels):
-        from medflare.training.outcome_trainer import OutcomeTrainer
-
-        # with one label a case whose label is ignored is dropped; with several it stays, marked
-        if not getattr(OutcomeTrainer, "masks_ignored_labels", False):
-            which = "label_policy" if label_policy == "ignore" else "blank_labels"
-            raise ValueError(
-                f"{which}='ignore' with {num_labels} label columns needs a trainer that leaves ignored labels (-1) out of the "
-                "loss and metrics, and this install's OutcomeTrainer does not; use 'u_ones'/'u_zeros' "
-                "(blank_labels 'negative') or one label column"
             )
     return options
 

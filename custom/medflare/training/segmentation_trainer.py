@@ -40,11 +40,11 @@ def _unreadable_file_error(files: Sequence[Mapping]) -> Optional[ValueError]:
     """A ValueError naming the first image or label that cannot be read, or None if all load."""
     from monai.transforms import LoadImage
 
-    from medflare.data.brats_layout import DataListError
+    from medflare.data.brats_layout import DataListError, entry_files
 
     loader = LoadImage(image_only=True)
     for item in files:
-        for path in list(item["image"]) + [item["label"]]:
+        for path in entry_files(item):
             try:
                 loader(path)
             except Exception as e:
@@ -69,7 +69,9 @@ class SegmentationTrainer:
 
     Args:
         model: the network (4 input channels, 3 output logits: TC, WT, ET).
-        train_files: ``[{"image": [t1, t1ce, t2, flair], "label": seg}, ...]``; every subject is
+        train_files: ``[{"image": [t1, t1ce, t2, flair], "label": seg}, ...]``, or one 4-D image
+            path with its ``channel_order`` (MSD Task01), each with its ``label_convention``
+            (:func:`~medflare.data.brats_layout.load_datalist` entries); every subject is
             checked by :func:`~medflare.data.brats_volume_checks.check_brats_subjects` first.
         val_files: same form, for validation.
         roi_size: training crop size, three ints >= 8.

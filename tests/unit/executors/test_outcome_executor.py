@@ -259,19 +259,19 @@ def test_site_only_trainer_shares_the_loaded_cases(tmp_path, outcome_site, monke
         ({"split_seed": "0"}, "split_seed must be an int >= 0, got '0'"),
         ({"table_format": "medflare", "views": ["PA"]}, "table_format 'medflare' takes no CheXpert/MIMIC table arguments"),
         ({"table_format": "medflare", "label_policy": "u_ones"}, "got {'label_policy': 'u_ones'}"),
-        # several labels and ignored ones need a trainer that masks them
-        ({"label_columns": ["Edema", "Cardiomegaly"], "label_policy": "ignore"}, "label_policy='ignore' with 2 label columns needs a trainer"),
-        ({"label_columns": ["Edema", "Cardiomegaly"], "label_policy": "u_ones", "blank_labels": "ignore"}, "blank_labels='ignore' with 2 label columns"),
+        # data loading, augmentation and mixed precision are the trainer's checks, run when the job is built
+        ({"data_loading": "disk"}, "data_loading"),
+        ({"num_workers": -1}, "num_workers"),
+        ({"cache_rate": float("nan")}, "cache_rate"),
+        ({"amp": 1}, "amp"),
+        ({"augmentation": True}, "augmentation True needs an image: this job has no image_column"),
+        ({"augmentation": {"rotation_degrees": 90}}, "rotation_degrees"),
     ],
 )
 def test_bad_table_arguments_are_refused_when_the_job_is_built(kwargs, message):
     labels = kwargs.get("label_columns", ["o2_24h"])
     args = dict(model=_model(labels, CLINICAL, None), label_columns=labels, clinical_columns=CLINICAL)
     args.update(kwargs)
-    from medflare.training.outcome_trainer import OutcomeTrainer
-
-    if "2 label columns" in message and getattr(OutcomeTrainer, "masks_ignored_labels", False):
-        pytest.skip("this install's trainer masks ignored labels: the combination is allowed")
     with pytest.raises(ValueError) as raised:
         OutcomeExecutor(**args)
     assert message in str(raised.value)
@@ -360,3 +360,20 @@ def test_a_round_the_sites_scope_puts_under_dp_sgd_is_refused_too(tmp_path, chex
     with pytest.raises(DataListError, match="3 patient\\(s\\) have several images"):
         executor._train_locally(executor._trainer, lambda: False, settings)
     assert executor._train_locally(executor._trainer, lambda: False).steps == 2  # without DP-SGD it trains
+
+
+def test_two_labels_under_the_ignore_policy_train_streamed_with_the_ignored_ones_masked(tmp_path, chexpert_site, monkeypatch):
+    labels = ["Cardiomegaly", "Edema"]
+    executor, fl_ctx, args = _chexpert_executor(
+        tmp_path, chexpert_site, monkeypatch, model=_model(labels, ["Age", "Sex"], "image"), label_columns=labels,
+        label_policy="ignore", data_loading="stream", augmentation={"rotation_degrees": 5},
+    )
+    trainer = executor._trainer
+    assert trainer is not None, executor._setup_error
+    # a case stays while one of its labels is known; the unknown one is -1 (left out of loss and metrics)
+    assert trainer.num_train_cases == 7 and trainer.data_loading == "stream"
+    assert bool((trainer.train_data["labels"] == -1).any())
+    global_weights = {k: v.numpy() for k, v in build_model(args["model"]).state_dict().items()}
+    reply = executor.execute("train", weights_task(global_weights), fl_ctx, Signal())
+    assert reply.get_return_code() == ReturnCode.OK
+    assert from_shareable(reply).get_meta_prop("num_train_cases") == 7
