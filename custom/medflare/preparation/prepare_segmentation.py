@@ -65,7 +65,7 @@ def _case_id(item, split: str, n: int) -> str:
     return f"{split}-{n:04d}"
 
 
-def _entry_case(item, split: str, n: int, data_root: str, where: str, order: tuple, verdict: CaseVerdict):
+def _entry_case(item, split: str, n: int, data_root: str, where: str, order, verdict: CaseVerdict):
     """The :class:`SegmentationCase` of one entry, or None with ``verdict`` failed."""
     try:
         if not SAFE_CASE_ID.fullmatch(verdict.case_id):
@@ -96,9 +96,9 @@ def _entry_case(item, split: str, n: int, data_root: str, where: str, order: tup
     return SegmentationCase(verdict.case_id, split, paths[:-1], paths[-1], order, extra), allowed, paths
 
 
-def _channel_order(content: dict, where: str) -> tuple:
+def _channel_order(content: dict, where: str):
     modality = content.get("modality")
-    return tuple(range(len(MODALITIES))) if modality is None else channel_order(modality, where)
+    return None if modality is None else channel_order(modality, where)
 
 
 def _input_record(paths: list, data_root: str) -> list:

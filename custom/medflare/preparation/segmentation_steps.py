@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -36,13 +36,15 @@ class SegmentationCase:
     """One datalist entry, paths absolute and inside the data root.
 
     ``channel_order[i]`` is the index, in ``images`` (or the 4-D image's last axis), of
-    ``MODALITIES[i]``."""
+    ``MODALITIES[i]``; None when the datalist has no ``"modality"`` map (four paths are then in
+    ``MODALITIES`` order, as :func:`~medflare.data.brats_layout.load_datalist` reads them; a 4-D
+    image fails: the order of its channels is unknown)."""
 
     case_id: str
     split: str
     images: list
     label: str
-    channel_order: Sequence[int] = (0, 1, 2, 3)
+    channel_order: Optional[Sequence[int]] = None
     extra: dict = field(default_factory=dict)
 
 
@@ -69,6 +71,12 @@ def _spacing(affine: np.ndarray) -> tuple:
 def _headers(case: SegmentationCase) -> list:
     """``[(role, path, image, spatial shape)]`` of the images (4 roles) and the label, headers checked."""
     if len(case.images) == 1:
+        if case.channel_order is None:
+            raise CaseFailed(
+                "malformed_entry",
+                f"one 4-D image {case.images[0]} and no 'modality' map in the datalist: the order of its channels "
+                "is unknown (add e.g. {\"0\": \"FLAIR\", \"1\": \"T1w\", \"2\": \"t1gd\", \"3\": \"T2w\"})",
+            )
         image = _load(case.images[0], "4-D image")
         if len(image.shape) != 4 or image.shape[3] != len(MODALITIES):
             raise CaseFailed(
@@ -79,8 +87,9 @@ def _headers(case: SegmentationCase) -> list:
         headers = [("image", case.images[0], image, tuple(image.shape[:3]))]
     elif len(case.images) == len(MODALITIES):
         headers = []
+        order = tuple(range(len(MODALITIES))) if case.channel_order is None else tuple(case.channel_order)
         for i, path in enumerate(case.images):
-            role = f"modality {MODALITIES[case.channel_order.index(i)]} image"
+            role = f"modality {MODALITIES[order.index(i)]} image"
             image = _load(path, role)
             if len(image.shape) != 3:
                 raise CaseFailed("wrong_dimensions", f"{role} {path} has shape {tuple(image.shape)}; a 3-D volume is expected")
@@ -122,13 +131,14 @@ def _check_grids(headers: list, recipe: SegmentationPreparation, verdict: CaseVe
 def _channels(headers: list, case: SegmentationCase) -> list:
     """The four modality volumes as float arrays, in MODALITIES order."""
     images = [h for h in headers if h[0] != "label"]
+    order = tuple(range(len(MODALITIES))) if case.channel_order is None else tuple(case.channel_order)
     if len(images) == 1:
         role, path, image, _ = images[0]
         data = _voxels(image, role, path)
-        return [(f"modality {m} image", path, data[..., case.channel_order[i]]) for i, m in enumerate(MODALITIES)]
+        return [(f"modality {m} image", path, data[..., order[i]]) for i, m in enumerate(MODALITIES)]
     channels = []
     for i in range(len(MODALITIES)):
-        role, path, image, _ = images[case.channel_order[i]]
+        role, path, image, _ = images[order[i]]
         channels.append((role, path, _voxels(image, role, path)))
     return channels
 

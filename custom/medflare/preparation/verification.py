@@ -11,7 +11,9 @@ what to do, when
 * the preparation's name differs, its version is outside the required range, or its
   parameters hash differs;
 * a file the datalist (or ``files``) names is not in the manifest, or its sha256 differs from
-  the manifest's (the data changed after preparation).
+  the manifest's (the data changed after preparation); the datalist or table the preparation
+  wrote is itself checked (a table's clinical values and labels are data too), another
+  datalist naming prepared files only file by file.
 
 Versions are ``MAJOR[.MINOR[.PATCH]]`` compared as integer triples (missing parts are 0); a
 requirement is one exact version or comma-separated clauses ``>=``, ``>``, ``<=``, ``<``,
@@ -198,11 +200,29 @@ def verify_preparation(location: str, required, files: Optional[Iterable[str]] =
     outputs = manifest_outputs(manifest, path)
     named = [os.path.normpath(os.path.join(root, f)) for f in (files or [])]
     if datalist is not None:
+        _check_prepared_datalist(datalist, manifest, root, path)
         named += datalist_files(datalist, root, manifest)
     if files is None and datalist is None:
         named = [os.path.join(root, p) for p in outputs]
     _check_files(named, outputs, root, path)
     return manifest
+
+
+def _check_prepared_datalist(datalist: str, manifest: dict, root: str, path: str) -> None:
+    """The datalist or table the preparation wrote must be unchanged (a table's clinical values
+    and labels are data too); another datalist naming prepared files is checked file by file."""
+    written = (manifest.get("prepared") or {}).get("datalist") or {}
+    if not isinstance(written.get("path"), str) or os.path.realpath(os.path.join(root, written["path"])) != os.path.realpath(datalist):
+        return
+    try:
+        digest = sha256_files([datalist])[datalist]
+    except OSError as e:
+        raise PreparationMismatch(f"datalist {datalist} cannot be read to verify its preparation ({e})") from None
+    if digest != written.get("sha256"):
+        raise PreparationMismatch(
+            f"{datalist} changed after preparation (sha256 {digest[:12]}..., the manifest {path} recorded "
+            f"{str(written.get('sha256'))[:12]}...); re-run `medflare prepare` rather than editing prepared data"
+        )
 
 
 def _check_files(named: list, outputs: dict, root: str, path: str) -> None:

@@ -79,7 +79,7 @@ def write_png(path, pixels: np.ndarray) -> None:
 def write_dicom(path, pixels: np.ndarray, monochrome1: bool = False) -> None:
     """A minimal single-frame greyscale DICOM file (uint16)."""
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage

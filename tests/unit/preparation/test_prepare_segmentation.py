@@ -185,6 +185,15 @@ def test_a_4d_image_is_split_into_modalities_in_the_datalists_channel_order(tmp_
     flair = np.asarray(nib.load(os.path.join(result.out, listing["training"][0]["image"][3])).dataobj)
     assert np.array_equal(t1, channels[0]) and np.array_equal(flair, channels[3])
 
+    with open(datalist) as f:
+        content = json.load(f)
+    del content["modality"], content["labels"]
+    with open(datalist, "w") as f:
+        json.dump(content, f)
+    unknown = prepare_segmentation(datalist, root, str(tmp_path / "out2"), SegmentationPreparation(normalise="none")).manifest
+    reason = unknown["cases"][0]["reasons"][0]
+    assert reason["code"] == "malformed_entry" and "no 'modality' map in the datalist" in reason["message"]
+
 
 def test_hostile_entries_fail_their_case_and_a_bad_datalist_or_out_is_refused(tmp_path):
     root = str(tmp_path / "in")

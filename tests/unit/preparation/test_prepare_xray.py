@@ -2,7 +2,6 @@
 
 import csv
 import hashlib
-import os
 
 import numpy as np
 import pytest

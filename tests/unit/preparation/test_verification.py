@@ -6,7 +6,6 @@ import os
 import pytest
 
 from medflare.preparation import file_hashes
-from medflare.preparation.manifest import MANIFEST_NAME
 from medflare.preparation.prepare_segmentation import prepare_segmentation
 from medflare.preparation.prepare_xray import prepare_xray
 from medflare.preparation.recipe import SegmentationPreparation, XrayPreparation
@@ -88,10 +87,14 @@ def test_a_changed_file_or_a_file_not_in_the_manifest_is_refused(site):
     with open(site.datalist) as f:
         listing = json.load(f)
     listing["training"][0]["label"] = "extra/added_seg.nii.gz"
+    edited = os.path.join(site.out, "edited.json")
+    with open(edited, "w") as f:
+        json.dump(listing, f)
+    message = _refusal(site.out, REQUIRED, datalist=edited)
+    assert "extra/added_seg.nii.gz is named by the site's datalist but is not in the preparation manifest" in message
     with open(site.datalist, "w") as f:
         json.dump(listing, f)
-    message = _refusal(site.out, REQUIRED, datalist=site.datalist)
-    assert "extra/added_seg.nii.gz is named by the site's datalist but is not in the preparation manifest" in message
+    assert f"{site.datalist} changed after preparation" in _refusal(site.out, REQUIRED, datalist=site.datalist)
 
 
 def test_the_checksum_is_read_once_per_file_state(site, monkeypatch):
@@ -99,13 +102,13 @@ def test_the_checksum_is_read_once_per_file_state(site, monkeypatch):
     real = file_hashes.sha256_file
     monkeypatch.setattr(file_hashes, "sha256_file", lambda p: reads.append(p) or real(p))
     verify_preparation(site.out, REQUIRED, datalist=site.datalist)
-    assert len(reads) == 15  # 3 cases x (4 modalities + label)
+    assert len(reads) == 16  # the datalist, and 3 cases x (4 modalities + label)
     verify_preparation(site.out, REQUIRED, datalist=site.datalist)
-    assert len(reads) == 15  # remembered by (path, inode, size, mtime)
+    assert len(reads) == 16  # remembered by (path, inode, size, mtime)
     path = os.path.join(site.out, "good-1", "good-1_t1.nii.gz")
     os.utime(path, ns=(1, 1))
     verify_preparation(site.out, REQUIRED, datalist=site.datalist)
-    assert reads[15:] == [path]  # a touched file is read again
+    assert reads[16:] == [path]  # a touched file is read again
 
 
 def test_an_xray_preparation_is_verified_through_its_table(tmp_path):
@@ -113,9 +116,18 @@ def test_an_xray_preparation_is_verified_through_its_table(tmp_path):
     result = prepare_xray(table, root, str(tmp_path / "out"), XrayPreparation(size=16))
     required = {"name": "medflare-xray-prep", "version": "1.0"}
     assert verify_preparation(result.out, required, datalist=result.datalist)["counts"]["passed"] == 2
-    with open(result.datalist, "a") as f:
+    with open(result.datalist) as f:
+        text = f.read()
+    with open(result.datalist, "w") as f:
+        f.write(text.replace("p1,train,images/p1.png,71,1", "p1,train,images/p1.png,71,0"))  # a label edited
+    assert f"{result.datalist} changed after preparation" in _refusal(result.out, required, datalist=result.datalist)
+    other = os.path.join(result.out, "subset.csv")  # a datalist of its own naming prepared files is checked file by file
+    with open(other, "w") as f:
+        f.write(text.splitlines()[0] + "\n" + text.splitlines()[1] + "\n")
+    assert verify_preparation(result.out, required, datalist=other)
+    with open(other, "a") as f:
         f.write("p9,train,images/p9.png,1,1\n")
-    assert "images/p9.png is named by the site's datalist but is not in the preparation manifest" in _refusal(result.out, required, datalist=result.datalist)
+    assert "images/p9.png is named by the site's datalist but is not in the preparation manifest" in _refusal(result.out, required, datalist=other)
 
 
 @pytest.mark.parametrize(
