@@ -102,3 +102,14 @@ def test_chest_xray_and_clinical_job_runs_with_cross_site_evaluation(tmp_path):
     assert any(line.startswith("# EXAM measures") for line in lines)
     with open(os.path.join(tmp_path, "ws", "runs", "cxr_emr_fedavg", "simulator.log")) as f:
         assert "resumed this job's executor state" in f.read()  # the rebuild happened, and was survived
+    # the server exported the two-input (image, clinical) global models at END_RUN, each checked
+    app_server = os.path.join(result["server_run_dir"], "app_server")
+    with open(os.path.join(app_server, "model_exports.json")) as f:
+        exports = json.load(f)["models"]
+    for stem in ("FL_global_model", "best_FL_global_model"):
+        assert exports[f"{stem}.pt"]["status"] == "exported", exports[f"{stem}.pt"]
+        assert all(os.path.isfile(os.path.join(app_server, stem + suffix)) for suffix in (".torchscript.pt", ".onnx"))
+        with open(os.path.join(app_server, f"{stem}.export.json")) as f:
+            report = json.load(f)
+        assert report["passed"] and report["input_names"] == ["image", "clinical"]
+        assert report["input_shapes"] == [[1, 1, 64, 64], [1, 8]]
