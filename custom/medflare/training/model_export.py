@@ -59,7 +59,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
-from medflare.optional_dependencies import EXPORT_EXTRA_HINT, MissingDependency, require
+from medflare.optional_dependencies import EXPORT_EXTRA_HINT, require
 
 __all__ = [
     "FORMATS",
