@@ -1,5 +1,6 @@
 """The ``medflare`` command.
 
+    medflare data datalist ROOT [--out FILE] [--val-fraction F] [--seed S] [--force]
     medflare data brats --out DIR [--sites N] [--cases C] [--size S] [--seed K]
     medflare data fetch
     medflare data heart --out DIR [--no-normalise]
@@ -26,6 +27,7 @@ import sys
 from typing import Optional, Sequence
 
 from medflare.cli.audit import add_audit_parser
+from medflare.cli.datalist import add_datalist_parser
 from medflare.cli.job import add_job_parser
 from medflare.cli.model import add_model_parser
 from medflare.cli.prepare import add_prepare_parser
@@ -40,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="generate synthetic site data")
+    data = sub.add_parser("data", help="a site's data: a datalist of real brain-tumour data, or synthetic site data")
     data_sub = data.add_subparsers(dest="dataset", required=True)
+    add_datalist_parser(data_sub)
     brats = data_sub.add_parser(
         "brats", help="BraTS-layout sites on MNI152 anatomy with generated tumours, one folder per site"
     )
@@ -142,6 +145,10 @@ def _budget(args) -> int:
 
 
 def _data(args) -> int:
+    if args.dataset == "datalist":
+        from medflare.cli.datalist import run_datalist_command
+
+        return run_datalist_command(args)
     if args.dataset == "fetch":
         from medflare.data.demo_files import fetch_demo_files
 

@@ -61,6 +61,9 @@ class OutcomeExecutor(SiteTrainingExecutor):
         dataset: the name of the site's data set this job trains on, looked up in the site's
             data configuration; the job still names no path. Null: ``"outcome_image"`` with an
             ``image_column``, else ``"outcome_table"``.
+        required_preparation: null, or ``{"name", "version"[, "parameters_hash"]}`` the site's
+            ``medflare prepare`` manifest must meet (:mod:`medflare.preparation.verification`;
+            checked when the run starts, every task refused when it does not).
         table_format: ``"auto"`` (default: detect the site's table), ``"medflare"``,
             ``"chexpert"`` or ``"mimic_cxr"`` (the site's table must be that one).
         label_policy: for CheXpert and MIMIC tables, uncertain labels become ``"u_ones"`` 1,
@@ -105,6 +108,7 @@ class OutcomeExecutor(SiteTrainingExecutor):
         submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
         dp_sgd: Optional[dict] = None,
         dataset: Optional[str] = None,
+        required_preparation: Optional[dict] = None,
         table_format: str = "auto",
         label_policy: Optional[str] = None,
         blank_labels: str = "negative",
@@ -129,6 +133,7 @@ class OutcomeExecutor(SiteTrainingExecutor):
             submit_model_task_name=submit_model_task_name,
             dp_sgd=dp_sgd,
             dataset=dataset,
+            required_preparation=required_preparation,
         )
         check_columns("label_columns", label_columns, allow_empty=False)
         check_columns("clinical_columns", clinical_columns, allow_empty=True)

@@ -78,6 +78,9 @@ class SegmentationExecutor(SiteTrainingExecutor):
             before clipping under DP-SGD).
         dataset: the name of the site's data set this job trains on, looked up in the site's
             data configuration; the job still names no path. Null: ``"segmentation"``.
+        required_preparation: null, or ``{"name", "version"[, "parameters_hash"]}`` the site's
+            ``medflare prepare`` manifest must meet (:mod:`medflare.preparation.verification`;
+            checked when the run starts, every task refused when it does not).
     """
 
     key_metric = "dice_mean"
@@ -104,6 +107,7 @@ class SegmentationExecutor(SiteTrainingExecutor):
         dp_sgd: Optional[dict] = None,
         crops_per_patient: int = 1,
         dataset: Optional[str] = None,
+        required_preparation: Optional[dict] = None,
     ):
         from medflare.training.bundle_registry import parse_bundle_request
 
@@ -125,6 +129,7 @@ class SegmentationExecutor(SiteTrainingExecutor):
             submit_model_task_name=submit_model_task_name,
             dp_sgd=dp_sgd,
             dataset=dataset,
+            required_preparation=required_preparation,
         )
         check_positive_int("local_epochs", local_epochs)
         check_positive_int("max_steps_per_round", max_steps_per_round, allow_none=True)

@@ -8,7 +8,7 @@ import json
 import re
 
 import pytest
-from tumour_layout_fixtures import brats2023_subject, legacy_subject, msd_task
+from tests.unit.data.tumour_layout_fixtures import brats2023_subject, legacy_subject, msd_task
 
 from medflare.cli.datalist import add_datalist_parser, run_datalist_command
 from medflare.data.brats_layout import DataListError, load_datalist
