@@ -20,6 +20,7 @@ pytestmark = pytest.mark.integration
         ("audit_cost.py", "medflare audit cost"),
         ("he_round_cost.py", "goal: HE round <= 3x the plain round at 5M parameters"),
         ("distributed_dp.py", "local against distributed Gaussian DP on FLamby Fed-Heart-Disease"),
+        ("outcome_data_memory.py", "outcome trainer images in memory against streamed"),
     ],
 )
 def test_benchmark_quick_run(tmp_path, script, expected):
@@ -28,7 +29,7 @@ def test_benchmark_quick_run(tmp_path, script, expected):
     # Gaussian filter runs in the simulator with brats_gaussian_dp and in POC, and local Gaussian DP on
     # these hospitals in distributed_dp.py's quick pass (in process)
     # FedYogi on these hospitals runs in test_outcome_jobs_simulator.py
-    extra = ["--methods", "dp-sgd"] if script == "heart_disease.py" else []
+    extra = {"heart_disease.py": ["--methods", "dp-sgd"], "outcome_data_memory.py": ["--size", "64"]}.get(script, [])
     done = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", script), "--quick", "--json", str(out), *extra],
         capture_output=True,
@@ -49,6 +50,11 @@ def test_benchmark_quick_run(tmp_path, script, expected):
         assert size["agreement_passed"] and size["precision"]["he_max_abs_error"] < 1e-6
         # ciphertexts are larger than the dense float32 update in both directions
         assert size["wire"]["he_up_ciphertext"] > size["wire"]["he_down_ciphertext"] > size["dense_bytes"]
+    if script == "outcome_data_memory.py":
+        memory, streamed = results["modes"]["in memory"], results["modes"]["streamed"]
+        # both modes trained the same cases; the streamed one built without holding the images
+        assert memory["train_cases"] == streamed["train_cases"] > 0
+        assert results["floor_mib"] > 0 and memory["step_s"] > 0 and streamed["step_s"] > 0
     if script == "distributed_dp.py":
         rows = results["rows"]
         local, distributed = rows["local Gaussian DP, eps 10"], rows["distributed DP (CKKS), eps 10"]
