@@ -15,6 +15,7 @@
     medflare job check JOB_DIR [--profile NAME | --site-workspace DIR]
     medflare --version
     medflare model decrypt MODEL_PT --key CLIENT_CONTEXT --job JOB_DIR [--out OUT_PT]
+    medflare model export MODEL_PT --job JOB_DIR [--out DIR] [--formats torchscript,onnx] [--atol A] [--rtol R]
     medflare prepare segmentation --datalist D --data-root R --out OUT [--spacing X Y Z] [--normalise zscore|none]
     medflare prepare xray --table T --data-root R --out OUT [--size 256|keep]
     medflare prepare report OUT | --report OUT
