@@ -7,7 +7,7 @@ model is scored by every site at the end (``GlobalModelEval``); no site model le
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 from medflare.training.model_spec import DEFAULT_SEGRESNET
 from medflare.recipes import app_parts as parts
@@ -114,6 +114,9 @@ def brats_segmentation(
     local_epochs: Optional[int] = None,
     learning_rate: float = 0.005,
     batch_size: int = 2,
+    bundle: Optional[Mapping] = None,
+    network_args: Optional[Mapping] = None,
+    required_preparation: Optional[Mapping] = None,
 ) -> JobDefinition:
     """A BraTS segmentation job.
 
@@ -136,6 +139,16 @@ def brats_segmentation(
         learning_rate: the sites' Adam learning rate, in (0, 1].
         batch_size: crops per step, an int >= 1; under DP-SGD also the patients expected per
             step.
+        bundle: a MONAI bundle the sites installed and allow-listed, named as
+            ``{"bundle": NAME[, "version", "network_key", "use_preprocessing", "load_weights"]}``
+            (:func:`medflare.training.bundle_registry.parse_bundle_request`); the sites train its
+            network, which must equal the job's SegResNet (``network_args``). Not with
+            ``privacy="dpsgd"`` (a bundle's SegResNet is not DP-SGD compatible).
+        network_args: the SegResNet's arguments when they differ from the shipped ones (to
+            match a bundle's ``network_def``); only with ``bundle``.
+        required_preparation: ``{"name", "version"[, "parameters_hash"]}`` every site's
+            ``medflare prepare`` manifest must meet
+            (:func:`medflare.preparation.verification.check_required_preparation`).
 
     Returns:
         The job; its server config's ``aggregator_bounds`` says how the aggregator's bounds
@@ -154,10 +167,20 @@ def brats_segmentation(
     check_real("learning_rate", learning_rate, 0.0, 1.0, low_open=True)
     check_int("batch_size", batch_size, 1)
     _check_combination(aggregation, privacy, num_rounds)
-    server = _server(aggregation, privacy, num_rounds, min_clients)
-    client = parts.client_app(
-        _executor(privacy, local_epochs, learning_rate, batch_size), *_job_filters(privacy, num_rounds)
-    )
+    network = _checked_network(privacy, bundle, network_args)
+    server = _server(aggregation, privacy, num_rounds, min_clients, network)
+    executor = _executor(privacy, local_epochs, learning_rate, batch_size, network)
+    args = executor["args"]
+    if bundle is not None:
+        from medflare.training.bundle_registry import parse_bundle_request
+
+        parse_bundle_request(bundle, "bundle")
+        args["model"] = {**dict(bundle), "network": network}
+    if required_preparation is not None:
+        from medflare.preparation.verification import check_required_preparation
+
+        args["required_preparation"] = check_required_preparation(required_preparation)
+    client = parts.client_app(executor, *_job_filters(privacy, num_rounds))
     scope = parts.SECURE_AGGREGATION_SCOPE if privacy == "he" else None
     return JobDefinition(name, min_clients, parts.with_model_export(server, client), client, scope)
 
@@ -181,7 +204,21 @@ def _network(privacy: str) -> dict:
     return parts.network(_DP_SEGRESNET if privacy == "dpsgd" else _SEGRESNET, _NETWORK_ARGS)
 
 
-def _server(aggregation: str, privacy: str, num_rounds: int, min_clients: int) -> dict:
+def _checked_network(privacy: str, bundle: Optional[Mapping], network_args: Optional[Mapping]) -> dict:
+    """The job's network: the shipped one, or a plain MONAI SegResNet of ``network_args`` (the
+    architecture of a bundle's ``network_def``, which the sites check their bundle against)."""
+    if bundle is not None and privacy == "dpsgd":
+        raise ValueError("bundle cannot be combined with privacy='dpsgd': a bundle's SegResNet is not DP-SGD compatible")
+    if network_args is None:
+        return _network(privacy)
+    if bundle is None:
+        raise ValueError(f"network_args is only for a bundle job (to match the bundle's network_def), got {network_args!r}")
+    if not isinstance(network_args, Mapping):
+        raise ValueError(f"network_args must be a mapping of SegResNet arguments, got {network_args!r}")
+    return parts.network("monai.networks.nets.SegResNet", dict(network_args))
+
+
+def _server(aggregation: str, privacy: str, num_rounds: int, min_clients: int, network: dict) -> dict:
     encrypted = privacy == "he"
     if encrypted:
         generator = parts.he_shareable_generator()
@@ -200,7 +237,7 @@ def _server(aggregation: str, privacy: str, num_rounds: int, min_clients: int) -
     return parts.server_app(
         num_rounds=num_rounds,
         min_clients=min_clients,
-        model=_network(privacy),
+        model=network,
         # FedOpt's source_model names a component, so only FedYogi declares the network as one
         model_as_component=aggregation == "fedyogi",
         shareable_generator=generator,
@@ -212,9 +249,9 @@ def _server(aggregation: str, privacy: str, num_rounds: int, min_clients: int) -
     )
 
 
-def _executor(privacy: str, local_epochs: int, learning_rate: float, batch_size: int) -> dict:
+def _executor(privacy: str, local_epochs: int, learning_rate: float, batch_size: int, network: dict) -> dict:
     args = {
-        "model": _network(privacy),
+        "model": network,
         "local_epochs": local_epochs,
         "batch_size": batch_size,
         "learning_rate": learning_rate,

@@ -9,7 +9,7 @@ gives EXAM's table: the global model and every single-site model, scored at ever
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 from medflare.data.cxr_synthetic import CLINICAL_COLUMNS, LABEL_COLUMNS
 from medflare.recipes import app_parts as parts
@@ -81,6 +81,7 @@ def outcome_prediction(
     local_steps: Optional[int] = None,
     learning_rate: Optional[float] = None,
     batch_size: int = 8,
+    required_preparation: Optional[Mapping] = None,
 ) -> JobDefinition:
     """A chest X-ray + clinical values outcome job (FedAvg, cross-site evaluation).
 
@@ -98,6 +99,9 @@ def outcome_prediction(
         learning_rate: in (0, 1]; ``None``: 0.001 (Adam), or 0.2 (SGD) with ``privacy="dpsgd"``.
         batch_size: cases per step, an int >= 1; under DP-SGD also the patients expected per
             step.
+        required_preparation: ``{"name", "version"[, "parameters_hash"]}`` every site's
+            ``medflare prepare`` manifest must meet
+            (:func:`medflare.preparation.verification.check_required_preparation`).
 
     Returns:
         The job; its server config's ``aggregator_bounds`` says how the aggregator's bounds
@@ -133,7 +137,12 @@ def outcome_prediction(
     filters = ([], [])
     if privacy == "dpsgd":
         filters = parts.patient_dp_sgd_filters(parts.releasing_tasks(evaluation), **_DP_SGD, **_DP_SGD_FILTER)
-    client = parts.client_app(_executor(privacy, training), *filters)
+    executor = _executor(privacy, training)
+    if required_preparation is not None:
+        from medflare.preparation.verification import check_required_preparation
+
+        executor["args"]["required_preparation"] = check_required_preparation(required_preparation)
+    client = parts.client_app(executor, *filters)
     return JobDefinition(name, min_clients, parts.with_model_export(server, client), client)
 
 

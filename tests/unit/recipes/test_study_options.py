@@ -204,3 +204,54 @@ def test_each_definition_owns_its_dicts():
     outcome, other = outcome_prediction("job"), outcome_prediction("job")
     outcome.server["model_args"]["image_network"]["args"]["layers"].append(1)
     assert other.server["model_args"]["image_network"]["args"]["layers"] == [1, 1, 1, 1]
+
+
+# --- real-data options: a site bundle, a required preparation ------------------------------------
+
+BUNDLE = {"bundle": "brats_mri_segmentation", "version": "0.5.3", "use_preprocessing": True}
+BUNDLE_NETWORK = {"spatial_dims": 3, "in_channels": 4, "out_channels": 3, "init_filters": 16,
+                  "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1], "dropout_prob": 0.2}
+PREPARED = {"name": "medflare-brats-prep", "version": ">=1.0,<2"}
+
+
+def test_a_bundle_job_names_the_bundle_and_the_network_the_server_aggregates():
+    from medflare.training.model_spec import build_model, split_bundle_spec
+
+    job = brats_segmentation("brats_bundle", bundle=BUNDLE, network_args=BUNDLE_NETWORK, required_preparation=PREPARED)
+    args = _executor_args(job)
+    request, network = split_bundle_spec(args["model"])
+    assert request == BUNDLE
+    # the sites check their bundle's network against exactly what the server's persistor builds
+    assert network == job.server["model"] == {"path": "monai.networks.nets.SegResNet", "args": BUNDLE_NETWORK}
+    assert build_model(args["model"]).state_dict().keys() == build_model(network).state_dict().keys()
+    assert args["required_preparation"] == PREPARED
+    # the shipped job's own options stay as they were
+    assert brats_segmentation("brats_fedavg").client == _shipped("brats_fedavg").client
+
+
+def test_the_outcome_job_requires_a_preparation_when_asked():
+    job = outcome_prediction("job", required_preparation={"name": "medflare-xray-prep", "version": "1.0.0"})
+    assert _executor_args(job)["required_preparation"] == {"name": "medflare-xray-prep", "version": "1.0.0"}
+    assert "required_preparation" not in _executor_args(outcome_prediction("job"))
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"bundle": BUNDLE, "privacy": "dpsgd"}, ValueError, "bundle cannot be combined with privacy='dpsgd'"),
+        ({"network_args": BUNDLE_NETWORK}, ValueError, "network_args is only for a bundle job"),
+        ({"bundle": BUNDLE, "network_args": [1]}, ValueError, "network_args must be a mapping"),
+        ({"bundle": {**BUNDLE, "config": "/tmp/evil.json"}}, ValueError, "unknown key(s) ['config']"),
+        ({"bundle": {"bundle": "../bundles/x"}}, ValueError, "bundle['bundle']"),
+        ({"bundle": "brats_mri_segmentation"}, ValueError, "must be a JSON object naming a site bundle"),
+        ({"bundle": {**BUNDLE, "load_weights": 1}}, TypeError, "['load_weights'] must be true or false, got 1"),
+        ({"required_preparation": {"name": "medflare-brats-prep", "version": "~=1.0"}}, ValueError, "required_preparation['version']"),
+        ({"required_preparation": {"name": "", "version": "1.0.0"}}, ValueError, "required_preparation['name']"),
+        ({"required_preparation": ["medflare-brats-prep"]}, ValueError, "required_preparation must be null or"),
+        ({"required_preparation": {**PREPARED, "path": "/data"}}, ValueError, "unknown key(s) ['path']"),
+    ],
+)
+def test_bad_real_data_options_are_refused(options, error, message):
+    with pytest.raises(error) as raised:
+        brats_segmentation("job", **options)
+    assert message in str(raised.value)
