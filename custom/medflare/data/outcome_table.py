@@ -38,7 +38,7 @@ import numpy as np
 from medflare.data.data_errors import DataListError
 from medflare.data.data_root_paths import path_in_data_root
 
-__all__ = ["IGNORE_LABEL", "OutcomeCase", "SPLITS", "check_columns", "check_outcome_table", "count_cases", "load_outcome_table", "read_xray"]
+__all__ = ["IGNORE_LABEL", "OutcomeCase", "SPLITS", "check_columns", "check_outcome_table", "count_cases", "load_outcome_table", "non_finite_cells", "read_xray"]
 
 SPLITS = ("train", "test")
 
@@ -223,9 +223,11 @@ def check_outcome_table(path: str, data_root: str, image_column: str = "image") 
     return counts
 
 
-def _check_finite_cells(row: dict, columns: Sequence[str], where: str) -> None:
-    """Refuse a cell that reads as a number but is not finite; text and empty cells are left to
-    the job's column checks (an empty cell may be in a column no job uses)."""
+def non_finite_cells(row: dict, columns: Sequence[str]) -> list[tuple[str, str]]:
+    """``(column, text)`` of each cell of ``columns`` that reads as a number but is not finite
+    (``nan``, ``inf``); text and empty cells are left to the job's column checks (an empty cell
+    may be in a column no job uses)."""
+    found = []
     for column in columns:
         text = (row.get(column) or "").strip()
         try:
@@ -233,7 +235,14 @@ def _check_finite_cells(row: dict, columns: Sequence[str], where: str) -> None:
         except ValueError:
             continue
         if not math.isfinite(value):
-            raise DataListError(f"{where}: column {column!r} is not finite: {text!r}")
+            found.append((column, text))
+    return found
+
+
+def _check_finite_cells(row: dict, columns: Sequence[str], where: str) -> None:
+    """Refuse the first cell :func:`non_finite_cells` finds."""
+    for column, text in non_finite_cells(row, columns)[:1]:
+        raise DataListError(f"{where}: column {column!r} is not finite: {text!r}")
 
 
 def _number(text: Optional[str], column: str, where: str) -> float:

@@ -12,13 +12,12 @@ image fails is left out and listed in the manifest with its reasons.
 from __future__ import annotations
 
 import csv
-import math
 import os
 
 from medflare.data.brats_layout import write_data_config
 from medflare.data.data_errors import DataListError
 from medflare.data.data_root_paths import DataPathError, path_in_data_root
-from medflare.data.outcome_table import SPLITS
+from medflare.data.outcome_table import SPLITS, non_finite_cells
 from medflare.preparation.case_qc import CaseVerdict
 from medflare.preparation.file_hashes import sha256_file
 from medflare.preparation.manifest import MANIFEST_NAME, build_manifest, write_manifest
@@ -60,16 +59,8 @@ def _check_row(row: dict, header: list, image_column: str, where: str, seen: set
     split = (row.get("split") or "").strip()
     if split not in SPLITS:
         verdict.fail("unknown_split", f"{where}: split must be one of {list(SPLITS)}, got {split!r}")
-    for column in header:
-        if column in ("case_id", "split", image_column):
-            continue
-        text = (row.get(column) or "").strip()
-        try:
-            value = float(text)
-        except ValueError:
-            continue
-        if not math.isfinite(value):
-            verdict.fail("non_finite", f"{where}: column {column!r} is not finite: {text!r}")
+    for column, text in non_finite_cells(row, [c for c in header if c not in ("case_id", "split", image_column)]):
+        verdict.fail("non_finite", f"{where}: column {column!r} is not finite: {text!r}")
     return not verdict.failures
 
 
