@@ -47,13 +47,15 @@ def small_job(
     final_eval_timeout: Optional[int] = None,
     min_clients: Optional[int] = None,
     local_steps: Optional[int] = None,
+    export_models: bool = True,
 ) -> str:
     """Copy ``jobs/<job>`` into ``dest/<name>``, shrunk for CI (see the module docstring; only
     segmentation jobs have a network to shrink); ``rounds``, ``scope`` and
     ``final_eval_timeout`` (seconds), ``min_clients`` (``meta.json`` and the workflows) and
     ``local_steps`` (an outcome executor's ``local_steps``, a segmentation executor's
     ``max_steps_per_round``: fewer DP-SGD steps spend less of a site's budget, so one site
-    can run every job) are set when given."""
+    can run every job) are set when given. ``export_models=False`` leaves out the server's
+    end-of-run model export (a CI cut where a test does not look at the exports)."""
     name = name or job
     shrink = job_data_kind(os.path.join(JOBS_DIR, job)) == "brats"
     target = os.path.join(dest, name)
@@ -84,6 +86,8 @@ def small_job(
                 for wf in server["workflows"]:
                     if "min_clients" in wf["args"]:
                         wf["args"]["min_clients"] = min_clients
+            if not export_models:
+                server["components"] = [c for c in server["components"] if c.get("id") != "model_exporter"]
             if final_eval_timeout is not None:
                 for wf in server["workflows"]:
                     if wf["path"].endswith(("GlobalModelEval", "CrossSiteModelEval")):

@@ -37,8 +37,11 @@ def poc_job(job: str, dest: str, rounds: int = 2, **kwargs) -> str:
     """:func:`~tests.integration.job_copies.small_job` with 2 rounds of
     :data:`POC_LOCAL_STEPS` steps unless told otherwise and the POC tests' final-evaluation
     timeout; a heart-disease job asks for the three sites the federations have instead of
-    FLamby's four hospitals."""
+    FLamby's four hospitals. The server's end-of-run model export is left out (the simulator
+    tests check it; under POC it costs each job an ONNX export on shared cores), except in the
+    HE jobs, whose server skips it (it holds only ciphertexts)."""
     kwargs.setdefault("local_steps", POC_LOCAL_STEPS)
+    kwargs.setdefault("export_models", job.endswith("_he"))
     if job_data_kind(os.path.join(JOBS_DIR, job)) == "heart":
         kwargs.setdefault("min_clients", len(SITES))
     return small_job(job, dest, rounds=rounds, final_eval_timeout=FINAL_EVAL_TIMEOUT, **kwargs)
