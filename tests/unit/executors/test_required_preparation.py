@@ -146,8 +146,7 @@ def _shipped(executor_class, **kwargs):
 
 @pytest.mark.parametrize("executor_class", [SegmentationExecutor, OutcomeExecutor])
 def test_the_shipped_executors_forward_the_argument(executor_class):
-    if "required_preparation" not in inspect.signature(executor_class.__init__).parameters:
-        pytest.skip(f"{executor_class.__name__} does not forward required_preparation to its base class yet")
+    assert "required_preparation" in inspect.signature(executor_class.__init__).parameters
     assert _shipped(executor_class, required_preparation=REQUIRED).required_preparation == REQUIRED
     assert _shipped(executor_class).required_preparation is None
     with pytest.raises(ValueError, match="required_preparation has unknown key"):

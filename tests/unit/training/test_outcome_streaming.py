@@ -263,7 +263,7 @@ def test_amp_on_the_cpu_is_a_no_op(site):
     np.testing.assert_array_equal(plain.predict(), amp.predict())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="AMP (autocast + GradScaler) runs only on CUDA; on a CPU amp is a no-op, tested above; no GPU is lent to CI")
 def test_amp_on_cuda_trains_and_scores(site):  # pragma: no cover - CPU CI
     train, test = site
     trainer = make(train, test, amp=True, device="cuda", data_loading="stream", augmentation=True)
